@@ -1,0 +1,322 @@
+// CPU kernels for the energy-head jets (forward) and their gradients (backward).
+//
+// Work is split into tiles of `rows` elements. A tile's jets live in a small scratch buffer laid
+// out as three stacked (rows x H) blocks [values | first derivatives | second derivatives], so
+// each hidden layer is ONE matrix product (3·rows x H) · W_lᵀ done by the BLAS torch links,
+// and the pointwise jet math (head_math.h) runs vectorised over the same cache-resident
+// buffer. Nothing H-wide leaves the tile: the backward recomputes the forward of its tile.
+// Weight gradients are accumulated per chunk of tiles and summed in chunk order, so results
+// are deterministic for a given thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../head_checks.h"
+#include "../head_math.h"
+
+namespace csm_ext {
+namespace {
+
+// Elements per tile: keeps the scratch of the backward (2·L·3·rows·H values) in L2.
+int64_t tile_rows(int64_t H) { return std::clamp<int64_t>(16384 / H, 16, 512); }
+
+template <typename scalar_t>
+at::Tensor as_matrix(scalar_t* data, int64_t rows, int64_t cols) {
+  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+}
+
+// The parameters of one head, as raw pointers into contiguous tensors.
+template <typename scalar_t>
+struct HeadParams {
+  const scalar_t* z;  // (N, H)
+  const scalar_t* x;  // (N,)
+  const scalar_t* u;  // (H,)
+  const scalar_t* b;  // (L-1, H)
+  const scalar_t* w;  // (H,)
+  scalar_t alpha;
+  std::vector<at::Tensor> W;   // L-1 matrices (H, H), as tensors for the BLAS calls
+  std::vector<at::Tensor> Wt;  // their transposes (views)
+  int64_t N, H, L;
+};
+
+// Forward jets of one tile of elements [n0, n0 + rows). `pre` and `post` point at per-layer
+// scratch blocks of 3·rows·H values each; with `keep_all` every layer gets its own block (the
+// backward needs them), otherwise layer blocks are reused.
+template <Activation kAct, typename scalar_t>
+void tile_forward(const HeadParams<scalar_t>& p, int64_t n0, int64_t rows, scalar_t* pre,
+                  scalar_t* post, bool keep_all) {
+  const int64_t H = p.H, block = rows * H;
+  // Layer 1: pre-activation jet (z + u·x, u, 0); only the value needs storing (a' = u, a'' = 0).
+  {
+    scalar_t* h0 = post;
+    scalar_t* h1 = post + block;
+    scalar_t* h2 = post + 2 * block;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* zr = p.z + (n0 + r) * H;
+      const scalar_t xr = p.x[n0 + r];
+      scalar_t* a0 = pre + r * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        const Jet<scalar_t> a = input_jet(zr[k], p.u[k], xr);
+        const Jet<scalar_t> h = activation_jet<kAct>(a.v, a.d1, a.d2);
+        a0[k] = a.v;
+        h0[r * H + k] = h.v;
+        h1[r * H + k] = h.d1;
+        h2[r * H + k] = h.d2;
+      }
+    }
+  }
+  for (int64_t l = 1; l < p.L; ++l) {
+    scalar_t* prev = post + (keep_all ? (l - 1) * 3 * block : 0);
+    scalar_t* a = pre + (keep_all ? l * 3 * block : 0);
+    scalar_t* h = post + (keep_all ? l * 3 * block : 0);
+    // All three jet components pass through the same linear map: one product for the tile.
+    at::Tensor a_mat = as_matrix(a, 3 * rows, H);
+    at::mm_out(a_mat, as_matrix(prev, 3 * rows, H), p.Wt[l - 1]);
+    const scalar_t* bias = p.b + (l - 1) * H;
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* a0 = a + r * H;
+      scalar_t* a1 = a0 + block;
+      scalar_t* a2 = a0 + 2 * block;
+      scalar_t* h0 = h + r * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        a0[k] += bias[k];
+        const Jet<scalar_t> hj = activation_jet<kAct>(a0[k], a1[k], a2[k]);
+        h0[k] = hj.v;
+        h0[k + block] = hj.d1;
+        h0[k + 2 * block] = hj.d2;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+template <typename scalar_t>
+HeadParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& x, const at::Tensor& u,
+                                 const at::Tensor& W, const at::Tensor& b, const at::Tensor& w,
+                                 double alpha, const HeadDims& d) {
+  HeadParams<scalar_t> p{z.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                         b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(alpha),
+                         {}, {}, d.N, d.H, d.L};
+  for (int64_t l = 0; l + 1 < d.L; ++l) {
+    p.W.push_back(W[l]);
+    p.Wt.push_back(W[l].t());
+  }
+  return p;
+}
+
+template <Activation kAct, typename scalar_t>
+void forward_impl(const HeadParams<scalar_t>& p, scalar_t* E, scalar_t* dE, scalar_t* d2E) {
+  const int64_t T = tile_rows(p.H);
+  const int64_t num_tiles = (p.N + T - 1) / T;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<scalar_t> scratch(2 * 3 * T * p.H);
+    scalar_t* pre = scratch.data();
+    scalar_t* post = pre + 3 * T * p.H;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t n0 = t * T, rows = std::min(T, p.N - n0), block = rows * p.H;
+      tile_forward<kAct>(p, n0, rows, pre, post, /*keep_all=*/false);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* h = post + r * p.H;
+        const Jet<scalar_t> e = energy_jet(dot(p.w, h, p.H), dot(p.w, h + block, p.H),
+                                           dot(p.w, h + 2 * block, p.H), p.x[n0 + r], p.alpha);
+        E[n0 + r] = e.v;
+        dE[n0 + r] = e.d1;
+        d2E[n0 + r] = e.d2;
+      }
+    }
+  });
+}
+
+// Per-chunk accumulators for the parameter gradients.
+template <typename scalar_t>
+struct ParamGrads {
+  std::vector<scalar_t> u, w, b;  // (H,), (H,), (L-1)·H
+  at::Tensor W;                   // (L-1, H, H)
+};
+
+template <Activation kAct, typename scalar_t>
+void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const scalar_t* gdE,
+                    const scalar_t* gd2E, int64_t t_begin, int64_t t_end, scalar_t* gz,
+                    scalar_t* gx, ParamGrads<scalar_t>& acc) {
+  const int64_t H = p.H, L = p.L, T = tile_rows(H);
+  // pre: L blocks of pre-activation jets; post: L blocks of activation jets; G and Gh: the
+  // gradients with respect to a layer's pre-activation and post-activation jets.
+  std::vector<scalar_t> scratch((2 * L + 2) * 3 * T * H);
+  scalar_t* pre = scratch.data();
+  scalar_t* post = pre + L * 3 * T * H;
+  scalar_t* G = post + L * 3 * T * H;
+  scalar_t* Gh = G + 3 * T * H;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t n0 = t * T, rows = std::min(T, p.N - n0), block = rows * H;
+    tile_forward<kAct>(p, n0, rows, pre, post, /*keep_all=*/true);
+
+    // Output layer: E = w·h + ..., so dLoss/dh = gE·w (and likewise for h', h'').
+    const scalar_t* hL = post + (L - 1) * 3 * block;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t g0 = gE[n0 + r], g1 = gdE[n0 + r], g2 = gd2E[n0 + r];
+      const scalar_t* h = hL + r * H;
+      scalar_t* gh = Gh + r * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        acc.w[k] += g0 * h[k] + g1 * h[k + block] + g2 * h[k + 2 * block];
+        gh[k] = g0 * p.w[k];
+        gh[k + block] = g1 * p.w[k];
+        gh[k + 2 * block] = g2 * p.w[k];
+      }
+    }
+
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const scalar_t* a = pre + l * 3 * block;
+      if (l > 0) {
+        // Through φ, then through a_{l} = W_{l-1} h_{l-1} + b_{l-1}.
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* a0 = a + r * H;
+          const scalar_t* gh = Gh + r * H;
+          scalar_t* g = G + r * H;
+          scalar_t* gb = acc.b.data() + (l - 1) * H;
+#pragma omp simd
+          for (int64_t k = 0; k < H; ++k) {
+            const Jet<scalar_t> ga = activation_jet_backward<kAct>(
+                a0[k], a0[k + block], a0[k + 2 * block], gh[k], gh[k + block], gh[k + 2 * block]);
+            g[k] = ga.v;
+            g[k + block] = ga.d1;
+            g[k + 2 * block] = ga.d2;
+            gb[k] += ga.v;
+          }
+        }
+        at::Tensor G_mat = as_matrix(G, 3 * rows, H);
+        // dW = Σ_rows (ga ⊗ h + ga' ⊗ h' + ga'' ⊗ h''): one product over the stacked blocks.
+        acc.W[l - 1].addmm_(G_mat.t(), as_matrix(post + (l - 1) * 3 * block, 3 * rows, H));
+        at::Tensor Gh_mat = as_matrix(Gh, 3 * rows, H);
+        at::mm_out(Gh_mat, G_mat, p.W[l - 1]);
+      } else {
+        // First layer: a = z + u·x, a' = u, a'' = 0.
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          const scalar_t* a0 = a + r * H;
+          const scalar_t* gh = Gh + r * H;
+          const scalar_t* zr = p.z + n * H;
+          const scalar_t xr = p.x[n];
+          scalar_t* gzr = gz + n * H;
+          scalar_t gx_dot = 0;
+#pragma omp simd reduction(+ : gx_dot)
+          for (int64_t k = 0; k < H; ++k) {
+            const Jet<scalar_t> a_in = input_jet(zr[k], p.u[k], xr);
+            const Jet<scalar_t> ga = activation_jet_backward<kAct>(
+                a0[k], a_in.d1, a_in.d2, gh[k], gh[k + block], gh[k + 2 * block]);
+            gzr[k] = ga.v;
+            acc.u[k] += ga.v * xr + ga.d1;
+            gx_dot += ga.v * p.u[k];
+          }
+          gx[n] = gx_dot + confinement_grad_x(gE[n], gdE[n], xr, p.alpha);
+        }
+      }
+    }
+  }
+}
+
+template <Activation kAct, typename scalar_t>
+void backward_impl(const HeadParams<scalar_t>& p, const scalar_t* gE, const scalar_t* gdE,
+                   const scalar_t* gd2E, scalar_t* gz, scalar_t* gx, scalar_t* gu,
+                   at::Tensor& gW, scalar_t* gb, scalar_t* gw) {
+  const int64_t H = p.H, T = tile_rows(H);
+  const int64_t num_tiles = (p.N + T - 1) / T;
+  const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tiles));
+  std::vector<ParamGrads<scalar_t>> partial(num_chunks);
+  for (auto& acc : partial) {
+    acc.u.assign(H, 0);
+    acc.w.assign(H, 0);
+    acc.b.assign((p.L - 1) * H, 0);
+    acc.W = at::zeros_like(gW);
+  }
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t t_begin = num_tiles * c / num_chunks, t_end = num_tiles * (c + 1) / num_chunks;
+      backward_chunk<kAct>(p, gE, gdE, gd2E, t_begin, t_end, gz, gx, partial[c]);
+    }
+  });
+  // Fixed-order reduction over chunks: deterministic for a given thread count.
+  for (const auto& acc : partial) {
+    for (int64_t k = 0; k < H; ++k) {
+      gu[k] += acc.u[k];
+      gw[k] += acc.w[k];
+    }
+    for (int64_t i = 0; i < (p.L - 1) * H; ++i) gb[i] += acc.b[i];
+    gW.add_(acc.W);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_jets_cpu(
+    const at::Tensor& z_in, const at::Tensor& x_in, const at::Tensor& u_in, const at::Tensor& W_in,
+    const at::Tensor& b_in, const at::Tensor& w_in, double alpha, c10::string_view activation) {
+  const Activation act = parse_activation(std::string(activation));
+  const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
+  const at::Tensor z = z_in.contiguous(), x = x_in.contiguous(), u = u_in.contiguous(),
+                   W = W_in.contiguous(), b = b_in.contiguous(), w = w_in.contiguous();
+  at::Tensor E = at::empty({d.N}, x.options());
+  at::Tensor dE = at::empty({d.N}, x.options());
+  at::Tensor d2E = at::empty({d.N}, x.options());
+  if (d.N == 0) return {E, dE, d2E};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "head_jets_cpu", [&] {
+    const auto p = make_params<scalar_t>(z, x, u, W, b, w, alpha, d);
+    dispatch_activation(act, [&](auto tag) {
+      forward_impl<decltype(tag)::value>(p, E.data_ptr<scalar_t>(), dE.data_ptr<scalar_t>(),
+                                         d2E.data_ptr<scalar_t>());
+    });
+  });
+  return {E, dE, d2E};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+head_jets_backward_cpu(const at::Tensor& grad_E, const at::Tensor& grad_dE,
+                       const at::Tensor& grad_d2E, const at::Tensor& z_in, const at::Tensor& x_in,
+                       const at::Tensor& u_in, const at::Tensor& W_in, const at::Tensor& b_in,
+                       const at::Tensor& w_in, double alpha, c10::string_view activation) {
+  const Activation act = parse_activation(std::string(activation));
+  const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
+  check_grad_arg(grad_E, "grad_E", z_in);
+  check_grad_arg(grad_dE, "grad_dE", z_in);
+  check_grad_arg(grad_d2E, "grad_d2E", z_in);
+  const at::Tensor z = z_in.contiguous(), x = x_in.contiguous(), u = u_in.contiguous(),
+                   W = W_in.contiguous(), b = b_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor gE = grad_E.contiguous(), gdE = grad_dE.contiguous(),
+                   gd2E = grad_d2E.contiguous();
+  at::Tensor gz = at::empty({d.N, d.H}, z.options());
+  at::Tensor gx = at::empty({d.N}, x.options());
+  at::Tensor gu = at::zeros_like(u);
+  at::Tensor gW = at::zeros_like(W);
+  at::Tensor gb = at::zeros_like(b);
+  at::Tensor gw = at::zeros_like(w);
+  if (d.N == 0) return {gz, gx, gu, gW, gb, gw};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "head_jets_backward_cpu", [&] {
+    const auto p = make_params<scalar_t>(z, x, u, W, b, w, alpha, d);
+    dispatch_activation(act, [&](auto tag) {
+      backward_impl<decltype(tag)::value>(
+          p, gE.data_ptr<scalar_t>(), gdE.data_ptr<scalar_t>(), gd2E.data_ptr<scalar_t>(),
+          gz.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(), gW,
+          gb.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>());
+    });
+  });
+  return {gz, gx, gu, gW, gb, gw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(csm_ext, CPU, m) {
+  m.impl("head_jets", &head_jets_cpu);
+  m.impl("head_jets_backward", &head_jets_backward_cpu);
+}
+
+}  // namespace csm_ext
