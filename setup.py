@@ -111,7 +111,8 @@ def build_extensions():
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
     define_macros = [("CSM_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"] + cpu_arch_flags()
+    # No errno or FP traps (as torch itself builds): lets the jet loops vectorise, NaNs still propagate.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + cpu_arch_flags()
     extra = {"cxx": cxx_flags}
     kwargs = dict(extra_link_args=["-fopenmp"], define_macros=define_macros)
     if use_cuda:
@@ -120,7 +121,7 @@ def build_extensions():
         define_macros.append(("WITH_CUDA", None))
         for inc in nvidia_wheel_include_dirs(toolkit):
             cxx_flags += ["-idirafter", inc]
-        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo"]
         ext = CUDAExtension("csm_ext._C", sources, extra_compile_args=extra, **kwargs)
     else:
         ext = CppExtension("csm_ext._C", sources, extra_compile_args=extra, **kwargs)

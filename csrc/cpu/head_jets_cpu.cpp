@@ -9,6 +9,7 @@
 // are deterministic for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -109,9 +110,11 @@ HeadParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& x, const
   HeadParams<scalar_t> p{z.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
                          b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(alpha),
                          {}, {}, d.N, d.H, d.L};
+  // The BLAS calls below are plain kernels on raw data, never part of an autograd graph.
+  const at::Tensor W_data = W.detach();
   for (int64_t l = 0; l + 1 < d.L; ++l) {
-    p.W.push_back(W[l]);
-    p.Wt.push_back(W[l].t());
+    p.W.push_back(W_data[l]);
+    p.Wt.push_back(W_data[l].t());
   }
   return p;
 }
@@ -262,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_jets_cpu(
     const at::Tensor& z_in, const at::Tensor& x_in, const at::Tensor& u_in, const at::Tensor& W_in,
     const at::Tensor& b_in, const at::Tensor& w_in, double alpha, c10::string_view activation) {
   const Activation act = parse_activation(std::string(activation));
+  const at::AutoDispatchBelowAutograd below_autograd;  // internal matmuls record no graph
   const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
   const at::Tensor z = z_in.contiguous(), x = x_in.contiguous(), u = u_in.contiguous(),
                    W = W_in.contiguous(), b = b_in.contiguous(), w = w_in.contiguous();
@@ -285,6 +289,7 @@ head_jets_backward_cpu(const at::Tensor& grad_E, const at::Tensor& grad_dE,
                        const at::Tensor& u_in, const at::Tensor& W_in, const at::Tensor& b_in,
                        const at::Tensor& w_in, double alpha, c10::string_view activation) {
   const Activation act = parse_activation(std::string(activation));
+  const at::AutoDispatchBelowAutograd below_autograd;  // internal matmuls record no graph
   const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
   check_grad_arg(grad_E, "grad_E", z_in);
   check_grad_arg(grad_dE, "grad_dE", z_in);

@@ -1,0 +1,155 @@
+"""The fused energy-head jets op against its references: values, gradients, edge cases."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_head_args
+
+from csm_ext import ops, reference
+
+ACTS = ops.ACTIVATIONS
+LAYERS = (1, 2, 3)
+ALPHA = 0.3
+
+# Per-dtype tolerances for fused vs reference (relative to the largest magnitude involved).
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+
+
+def assert_close_scaled(actual, expected, dtype, name=""):
+    """allclose with the absolute tolerance scaled by the reference's magnitude."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def jets_and_grads(fn, args, seeds, alpha, act):
+    """Outputs of a jets implementation and the gradients of a random projection of them."""
+    args = [a.detach().clone().requires_grad_(True) for a in args]
+    out = fn(*args, alpha, act)
+    weights = [torch.randn(out[0].shape, generator=torch.Generator().manual_seed(s),
+                           dtype=torch.float64).to(out[0].dtype) for s in seeds]
+    total = sum((o * wt).sum() for o, wt in zip(out, weights))
+    grads = torch.autograd.grad(total, args, allow_unused=True, materialize_grads=True)
+    return [o.detach() for o in out], grads
+
+
+@pytest.mark.parametrize("act,L", list(itertools.product(ACTS, LAYERS)))
+def test_gradcheck_float64(act, L):
+    args = make_head_args(N=6, H=5, L=L, requires_grad=True, seed=L)
+    torch.autograd.gradcheck(lambda *a: ops.head_jets(*a, ALPHA, act), args)
+
+
+@pytest.mark.parametrize(
+    "act,L,N,H,dtype",
+    [(a, L, 37, 13, torch.float64) for a in ACTS for L in LAYERS]
+    + [(a, L, 3000, 64, torch.float32) for a in ACTS for L in (2, 3)]
+    + [("softplus", 2, 1, 1, torch.float64), ("tanh", 1, 1, 7, torch.float32),
+       ("silu", 3, 2049, 33, torch.float32)],
+)
+def test_fused_matches_reference(act, L, N, H, dtype):
+    args = make_head_args(N, H, L, dtype=dtype, seed=N + H)
+    out, grads = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, act)
+    # The reference runs in float64 so that float32 errors are the fused kernel's own.
+    ref_out, ref_grads = jets_and_grads(reference.head_jets_ref, [a.double() for a in args],
+                                        (1, 2, 3), ALPHA, act)
+    for name, o, r in zip(("E", "dE", "d2E"), out, ref_out):
+        assert o.dtype == dtype
+        assert_close_scaled(o.double(), r, dtype, name)
+    for name, g, r in zip(("z", "x", "u", "W", "b", "w"), grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close_scaled(g.double(), r, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", [reference.head_jets_eager, reference.head_jets_func])
+@pytest.mark.parametrize("act", ACTS)
+def test_competitor_implementations_agree(impl, act):
+    """The benchmark's competitors compute the same thing (float64)."""
+    args = make_head_args(19, 9, 3, seed=3)
+    out, grads = jets_and_grads(impl, args, (4, 5, 6), ALPHA, act)
+    ref_out, ref_grads = jets_and_grads(reference.head_jets_ref, args, (4, 5, 6), ALPHA, act)
+    for o, r in zip(list(out) + list(grads), list(ref_out) + list(ref_grads)):
+        assert_close_scaled(o, r, torch.float64)
+
+
+def test_empty_batch():
+    args = make_head_args(0, 8, 2, requires_grad=True)
+    E, dE, d2E = ops.head_jets(*args, ALPHA, "softplus")
+    assert E.shape == dE.shape == d2E.shape == (0,)
+    (E.sum() + dE.sum() + d2E.sum()).backward()
+    z, x, u, W, b, w = args
+    assert z.grad.shape == (0, 8) and x.grad.shape == (0,)
+    for p in (u, W, b, w):
+        assert torch.count_nonzero(p.grad) == 0
+
+
+def test_non_contiguous_inputs():
+    N, H, L = 41, 11, 3
+    z_big = torch.randn(H, 2 * N, dtype=torch.float64)
+    z = z_big.t()[::2]  # (N, H), strided in both dimensions
+    x = torch.randn(3 * N, dtype=torch.float64)[::3]
+    W = torch.randn(L - 1, H, H, dtype=torch.float64).transpose(1, 2) / H ** 0.5
+    _, _, u, _, b, w = make_head_args(N, H, L)
+    assert not z.is_contiguous() and not x.is_contiguous() and not W.is_contiguous()
+    args = (z, x, u, W, b, w)
+    out, grads = jets_and_grads(ops.head_jets, args, (7, 8, 9), ALPHA, "silu")
+    ref_out, ref_grads = jets_and_grads(reference.head_jets_ref, args, (7, 8, 9), ALPHA, "silu")
+    for o, r in zip(list(out) + list(grads), list(ref_out) + list(ref_grads)):
+        assert_close_scaled(o, r, torch.float64)
+
+
+def test_nan_in_nan_out():
+    z, x, u, W, b, w = make_head_args(20, 16, 2, dtype=torch.float32)
+    x[3] = float("nan")
+    z[7, 2] = float("nan")
+    for act in ACTS:
+        E, dE, d2E = ops.head_jets(z, x, u, W, b, w, ALPHA, act)
+        for t in (E, dE, d2E):
+            assert torch.isnan(t[3]) and torch.isnan(t[7])
+            mask = torch.ones(20, dtype=torch.bool)
+            mask[[3, 7]] = False
+            assert torch.isfinite(t[mask]).all()
+
+
+def test_extreme_preactivations_stay_finite():
+    """Large |a| must not overflow (stable softplus/sigmoid/tanh forms)."""
+    z, x, u, W, b, w = make_head_args(8, 4, 2)
+    z = z * 1e3
+    for act in ACTS:
+        out, grads = jets_and_grads(ops.head_jets, (z, x, u, W, b, w), (1, 2, 3), ALPHA, act)
+        assert all(torch.isfinite(t).all() for t in list(out) + list(grads))
+
+
+def test_backward_is_deterministic_and_thread_count_invariant():
+    args = make_head_args(5000, 32, 3, dtype=torch.float32, seed=11)
+    first = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, "softplus")
+    second = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, "softplus")
+    for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
+        assert torch.equal(a, b)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, "softplus")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first[0], single[0]):  # per-element outputs: bitwise equal
+        assert torch.equal(a, b)
+    for a, b in zip(first[1], single[1]):  # reductions: only the summation order differs
+        assert_close_scaled(a.double(), b.double(), torch.float32)
+
+
+def test_opcheck_head_jets():
+    for act, L in [("softplus", 1), ("tanh", 2), ("silu", 3)]:
+        args = make_head_args(9, 6, L, requires_grad=True, seed=L)
+        torch.library.opcheck(torch.ops.csm_ext.head_jets.default, (*args, ALPHA, act))
+        plain = make_head_args(9, 6, L, dtype=torch.float32, seed=L)
+        torch.library.opcheck(torch.ops.csm_ext.head_jets.default, (*plain, 0.0, act))
+
+
+def test_opcheck_head_jets_backward():
+    args = make_head_args(9, 6, 2, seed=5)
+    grads = tuple(torch.randn(9, dtype=torch.float64) for _ in range(3))
+    torch.library.opcheck(torch.ops.csm_ext.head_jets_backward.default,
+                          (*grads, *args, ALPHA, "tanh"))
