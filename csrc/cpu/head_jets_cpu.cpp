@@ -167,16 +167,18 @@ void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const sca
 
     // Output layer: E = w·h + ..., so dLoss/dh = gE·w (and likewise for h', h'').
     const scalar_t* hL = post + (L - 1) * 3 * block;
+    scalar_t* __restrict gw_acc = acc.w.data();
+    const scalar_t* __restrict w = p.w;
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t g0 = gE[n0 + r], g1 = gdE[n0 + r], g2 = gd2E[n0 + r];
-      const scalar_t* h = hL + r * H;
-      scalar_t* gh = Gh + r * H;
+      const scalar_t* __restrict h = hL + r * H;
+      scalar_t* __restrict gh = Gh + r * H;
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) {
-        acc.w[k] += g0 * h[k] + g1 * h[k + block] + g2 * h[k + 2 * block];
-        gh[k] = g0 * p.w[k];
-        gh[k + block] = g1 * p.w[k];
-        gh[k + 2 * block] = g2 * p.w[k];
+        gw_acc[k] += g0 * h[k] + g1 * h[k + block] + g2 * h[k + 2 * block];
+        gh[k] = g0 * w[k];
+        gh[k + block] = g1 * w[k];
+        gh[k + 2 * block] = g2 * w[k];
       }
     }
 
@@ -184,11 +186,11 @@ void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const sca
       const scalar_t* a = pre + l * 3 * block;
       if (l > 0) {
         // Through φ, then through a_{l} = W_{l-1} h_{l-1} + b_{l-1}.
+        scalar_t* __restrict gb = acc.b.data() + (l - 1) * H;
         for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* a0 = a + r * H;
-          const scalar_t* gh = Gh + r * H;
-          scalar_t* g = G + r * H;
-          scalar_t* gb = acc.b.data() + (l - 1) * H;
+          const scalar_t* __restrict a0 = a + r * H;
+          const scalar_t* __restrict gh = Gh + r * H;
+          scalar_t* __restrict g = G + r * H;
 #pragma omp simd
           for (int64_t k = 0; k < H; ++k) {
             const Jet<scalar_t> ga = activation_jet_backward<kAct>(
@@ -205,23 +207,23 @@ void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const sca
         at::Tensor Gh_mat = as_matrix(Gh, 3 * rows, H);
         at::mm_out(Gh_mat, G_mat, p.W[l - 1]);
       } else {
-        // First layer: a = z + u·x, a' = u, a'' = 0.
+        // First layer: a = z + u·x, a' = u, a'' = 0 (only the value was stored).
+        const scalar_t* __restrict u = p.u;
+        scalar_t* __restrict gu_acc = acc.u.data();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = n0 + r;
-          const scalar_t* a0 = a + r * H;
-          const scalar_t* gh = Gh + r * H;
-          const scalar_t* zr = p.z + n * H;
+          const scalar_t* __restrict a0 = a + r * H;
+          const scalar_t* __restrict gh = Gh + r * H;
           const scalar_t xr = p.x[n];
-          scalar_t* gzr = gz + n * H;
+          scalar_t* __restrict gzr = gz + n * H;
           scalar_t gx_dot = 0;
 #pragma omp simd reduction(+ : gx_dot)
           for (int64_t k = 0; k < H; ++k) {
-            const Jet<scalar_t> a_in = input_jet(zr[k], p.u[k], xr);
             const Jet<scalar_t> ga = activation_jet_backward<kAct>(
-                a0[k], a_in.d1, a_in.d2, gh[k], gh[k + block], gh[k + 2 * block]);
+                a0[k], u[k], scalar_t(0), gh[k], gh[k + block], gh[k + 2 * block]);
             gzr[k] = ga.v;
-            acc.u[k] += ga.v * xr + ga.d1;
-            gx_dot += ga.v * p.u[k];
+            gu_acc[k] += ga.v * xr + ga.d1;
+            gx_dot += ga.v * u[k];
           }
           gx[n] = gx_dot + confinement_grad_x(gE[n], gdE[n], xr, p.alpha);
         }

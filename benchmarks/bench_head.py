@@ -1,0 +1,351 @@
+"""Benchmark of the energy head + CSM loss: the fused op against the pure-PyTorch alternatives.
+
+Methods (same head, same inputs, one run, so the ratios hold on a noisy machine):
+  fused            csm_ext.ops.head_jets (this package)
+  autograd         (a) autograd double-backward through the plain energy
+  eager            (b) hand-written forward-mode jets with batched matmuls, autograd backward
+  func             (c) torch.func nested forward-mode jvp
+  compile-autograd (d) torch.compile of (a)
+  compile-eager    (d) torch.compile of (b)
+
+For each configuration and method: forward time (loss only, no grad) and forward+backward time
+(gradients for z and every head weight), medians with the interquartile range, the peak extra
+memory of one forward+backward step, the FLOP rate, and speedups of the fused op. Every method's
+loss and gradients are checked against the fused op before anything is timed.
+
+  python benchmarks/bench_head.py                      # the issue's target configuration
+  python benchmarks/bench_head.py --preset sweep       # N from 1e3 to 1e6, H and L varied
+  python benchmarks/bench_head.py --device cuda --sizes 1e5,1e6,1e7 --hidden 64,128 --layers 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import csm_ext
+from csm_ext import ops, reference
+
+METHODS = ("fused", "autograd", "eager", "func", "compile-autograd", "compile-eager")
+PRESETS = {
+    "target": dict(sizes=[50_000], hidden=[64], layers=[2]),
+    "sweep": dict(sizes=[1_000, 10_000, 100_000, 1_000_000], hidden=[32, 64, 128], layers=[2, 3]),
+    "smoke": dict(sizes=[300], hidden=[16], layers=[2]),
+}
+_compiled: dict = {}
+
+
+def jets_fn(method: str):
+    base = {"fused": ops.head_jets, "autograd": reference.head_jets_ref,
+            "eager": reference.head_jets_eager, "func": reference.head_jets_func}
+    if method in base:
+        return base[method]
+    inner = base[method.split("-", 1)[1]]
+    if method not in _compiled:
+        # Dynamo traces autograd.grad (needed by the double-backward reference) only when told.
+        torch._dynamo.config.trace_autograd_ops = True
+        _compiled[method] = torch.compile(inner, dynamic=False)
+    return _compiled[method]
+
+
+def make_inputs(N, H, L, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    return [rnd(N, H), rnd(N), rnd(H), rnd(L - 1, H, H, scale=H ** -0.5), rnd(L - 1, H, scale=0.5),
+            rnd(H, scale=H ** -0.5)]
+
+
+def loss_of(method, args, alpha, act):
+    _, dE, d2E = jets_fn(method)(*args, alpha, act)
+    return (0.5 * dE * dE - d2E).mean()
+
+
+def step(method, args, alpha, act, backward):
+    """One forward (no grad) or forward+backward of the mean CSM loss; returns (loss, grads)."""
+    if not backward:
+        with torch.no_grad():  # the autograd reference turns grad mode on for its x-derivatives
+            return loss_of(method, args, alpha, act), None
+    params = [a.detach().requires_grad_(i != 1) for i, a in enumerate(args)]  # x needs no grad
+    loss = loss_of(method, params, alpha, act)
+    grads = torch.autograd.grad(loss, [p for i, p in enumerate(params) if i != 1])
+    return loss.detach(), grads
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]
+
+
+def head_flops(N, H, L, backward):
+    """Matrix-product FLOPs of the jets: three jet rows through each hidden matrix (forward),
+    twice that again for the gradients of the activations and of the weights (backward)."""
+    fwd = N * (3 * 2 * H * H * (L - 1) + 3 * 2 * H)
+    return fwd * (3 if backward else 1)
+
+
+def matmul_rate(device, dtype):
+    """Measured dense matmul rate (FLOP/s) of this device at a large square size."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t, _ = time_it(lambda: a @ b, device, repeats=7, warmup=2)
+    return 2 * n ** 3 / t
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_memory_cuda(method, args, act):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(method, args, 0.1, act, backward=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _memory_child(method, N, H, L, dtype, act):
+    """Runs in a fresh process: peak resident memory of one step beyond the inputs."""
+    args = make_inputs(N, H, L, getattr(torch, dtype), torch.device("cpu"))
+    if method.startswith("compile"):
+        step(method, make_inputs(N, H, L, getattr(torch, dtype), torch.device("cpu"), 1), 0.1,
+             act, backward=True)  # compile outside the measured step
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    step(method, args, 0.1, act, backward=True)
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"peak_extra_bytes": max(0, peak - base)}))
+
+
+def peak_memory_cpu(method, N, H, L, dtype, act):
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_head; "
+            f"bench_head._memory_child({method!r}, {N}, {H}, {L}, {dtype!r}, {act!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe for {method} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# ----------------------------------------------------------------------------- main loop
+@dataclass
+class Row:
+    N: int
+    H: int
+    L: int
+    method: str
+    fwd_s: float | None = None
+    fwd_iqr_s: float | None = None
+    fwdbwd_s: float | None = None
+    fwdbwd_iqr_s: float | None = None
+    peak_bytes: int | None = None
+    gflops_fwdbwd: float | None = None
+    frac_matmul_peak: float | None = None
+    note: str = ""
+    speedup: dict = field(default_factory=dict)
+
+
+def verify(method, args, act, ref, dtype):
+    loss, grads = step(method, args, 0.1, act, backward=True)
+    rtol = 1e-3 if dtype == torch.float32 else 1e-8
+    ok = torch.allclose(loss, ref[0], rtol=rtol, atol=rtol * max(1.0, ref[0].abs().item()))
+    for g, r in zip(grads, ref[1]):
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+        ok &= torch.allclose(g, r, rtol=rtol, atol=rtol * scale)
+    return ok
+
+
+def run_config(N, H, L, methods, device, dtype, act, repeats, budget_s, memory, matmul):
+    args = make_inputs(N, H, L, dtype, device)
+    ref = step("fused", args, 0.1, act, backward=True)
+    rows = []
+    for method in methods:
+        row = Row(N, H, L, method)
+        rows.append(row)
+        try:
+            if method != "fused" and not verify(method, args, act, ref, dtype):
+                row.note = "MISMATCH vs fused"
+                continue
+            t_probe = time.perf_counter()
+            step(method, args, 0.1, act, backward=True)
+            sync(device)
+            t_probe = time.perf_counter() - t_probe
+            if t_probe * (repeats + 1) * 2 > budget_s:
+                reps = max(3, int(budget_s / (2 * t_probe)) - 1)
+                if t_probe * 4 > budget_s:
+                    row.note = f"over budget ({t_probe:.1f} s/step)"
+                    continue
+            else:
+                reps = repeats
+            row.fwd_s, row.fwd_iqr_s = time_it(lambda: step(method, args, 0.1, act, False), device,
+                                               reps, 1)
+            row.fwdbwd_s, row.fwdbwd_iqr_s = time_it(
+                lambda: step(method, args, 0.1, act, True), device, reps, 1)
+            flops = head_flops(N, H, L, backward=True)
+            row.gflops_fwdbwd = flops / row.fwdbwd_s / 1e9
+            if L > 1:
+                row.frac_matmul_peak = flops / row.fwdbwd_s / matmul
+            if memory:
+                if device.type == "cuda":
+                    row.peak_bytes = peak_memory_cuda(method, args, act)
+                elif memory == "all" or not method.startswith("compile"):
+                    row.peak_bytes = peak_memory_cpu(method, N, H, L, str(dtype).split(".")[1],
+                                                     act)
+        except torch.cuda.OutOfMemoryError:
+            row.note = "out of memory"
+            torch.cuda.empty_cache()
+        except Exception as exc:  # report, do not hide: the row says what failed
+            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    fused = rows[0]
+    for row in rows:
+        for key in ("fwd_s", "fwdbwd_s", "peak_bytes"):
+            a, b = getattr(row, key), getattr(fused, key)
+            if a and b:
+                row.speedup[key] = a / b
+    return rows
+
+
+def fmt_time(s):
+    return "-" if s is None else (f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.1f} s")
+
+
+def fmt_bytes(b):
+    return "-" if b is None else f"{b / 2 ** 20:.1f} MiB"
+
+
+def table(rows):
+    lines = ["| N | H | L | method | fwd | fwd+bwd (± IQR) | vs fused | peak mem | mem vs fused "
+             "| GFLOP/s | % matmul peak | note |", "|" + "---|" * 12]
+    for r in rows:
+        sp = r.speedup.get("fwdbwd_s")
+        mem = r.speedup.get("peak_bytes")
+        lines.append(
+            f"| {r.N:,} | {r.H} | {r.L} | {r.method} | {fmt_time(r.fwd_s)} | "
+            f"{fmt_time(r.fwdbwd_s)} (± {fmt_time(r.fwdbwd_iqr_s)}) | "
+            f"{'-' if sp is None else f'{sp:.2f}×'} | {fmt_bytes(r.peak_bytes)} | "
+            f"{'-' if mem is None else f'{mem:.2f}×'} | "
+            f"{'-' if r.gflops_fwdbwd is None else f'{r.gflops_fwdbwd:.1f}'} | "
+            f"{'-' if r.frac_matmul_peak is None else f'{100 * r.frac_matmul_peak:.0f}%'} | "
+            f"{r.note} |")
+    return "\n".join(lines)
+
+
+def machine_info(device):
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "csm_ext": csm_ext.build_info()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            model = [l for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+            info["cpu"] = model.split(":", 1)[1].strip()
+        except (OSError, IndexError):
+            info["cpu"] = platform.processor()
+        info["cores"] = os.cpu_count()
+    return info
+
+
+def parse_ints(text):
+    return [int(float(v)) for v in text.split(",") if v]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="target")
+    p.add_argument("--sizes", type=parse_ints, help="N values, e.g. 1e3,5e4,1e6")
+    p.add_argument("--hidden", type=parse_ints, help="H values, e.g. 32,64,128")
+    p.add_argument("--layers", type=parse_ints, help="L values, e.g. 2,3")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--activation", default="softplus", choices=list(ops.ACTIVATIONS))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--budget", type=float, default=60.0,
+                   help="seconds one method may spend timing one configuration")
+    p.add_argument("--memory", choices=["none", "eager", "all"], default="eager",
+                   help="peak memory: none, all but the compiled methods (CPU), or all")
+    p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    a = p.parse_args(argv)
+
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype)
+    preset = PRESETS[a.preset]
+    sizes, hidden, layers = (a.sizes or preset["sizes"], a.hidden or preset["hidden"],
+                             a.layers or preset["layers"])
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+    if methods[0] != "fused":
+        methods = ["fused"] + [m for m in methods if m != "fused"]
+    memory = None if a.memory == "none" else a.memory
+
+    info = machine_info(device)
+    matmul = matmul_rate(device, dtype)
+    info["matmul_gflops"] = matmul / 1e9
+    print(f"# {info.get('gpu', info.get('cpu'))}, {info['threads']} threads, torch "
+          f"{info['torch']}; measured {a.dtype} matmul {matmul / 1e9:.0f} GFLOP/s")
+    print(f"# {' '.join(sys.argv)}")
+    rows = []
+    for L in layers:
+        for H in hidden:
+            for N in sizes:
+                t0 = time.perf_counter()
+                new = run_config(N, H, L, methods, device, dtype, a.activation, a.repeats,
+                                 a.budget, memory, matmul)
+                rows += new
+                print(table(new).split("\n", 2)[2] if rows != new else table(new), flush=True)
+                print(f"#   ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    result = {"machine": info, "args": {k: str(v) for k, v in vars(a).items()},
+              "dtype": a.dtype, "activation": a.activation,
+              "rows": [asdict(r) for r in rows]}
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1))
+        print(f"# wrote {a.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
