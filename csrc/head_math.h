@@ -128,21 +128,32 @@ struct Jet {
 };
 
 // Push the jet of a pre-activation (a, a', a'') through φ.
-template <Activation kAct, typename T>
-CSM_HOST_DEVICE Jet<T> activation_jet(T a, T a1, T a2) {
-  const ActivationDerivs<T> D = activation_derivs<kAct>(a);
+template <typename T>
+CSM_HOST_DEVICE Jet<T> jet_from_derivs(const ActivationDerivs<T>& D, T a1, T a2) {
   return {D.f, D.d1 * a1, D.d2 * a1 * a1 + D.d1 * a2};
 }
 
-// Reverse mode through activation_jet: given the gradients (gh, gh', gh'') of the loss with
-// respect to (h, h', h''), return the gradients with respect to (a, a', a'').
+template <Activation kAct, typename T>
+CSM_HOST_DEVICE Jet<T> activation_jet(T a, T a1, T a2) {
+  return jet_from_derivs(activation_derivs<kAct>(a), a1, a2);
+}
+
+// Reverse mode through activation_jet: given φ's derivatives at a, the pre-activation
+// derivatives (a', a'') and the gradients (gh, gh', gh'') of the loss with respect to
+// (h, h', h''), return the gradients with respect to (a, a', a''). Kernels that kept φ's
+// derivatives from the forward recomputation call this directly.
+template <typename T>
+CSM_HOST_DEVICE Jet<T> jet_backward_from_derivs(T d1, T d2, T d3, T a1, T a2, T gh, T gh1, T gh2) {
+  const T ga = gh * d1 + gh1 * d2 * a1 + gh2 * (d3 * a1 * a1 + d2 * a2);
+  const T ga1 = gh1 * d1 + T(2) * gh2 * d2 * a1;
+  const T ga2 = gh2 * d1;
+  return {ga, ga1, ga2};
+}
+
 template <Activation kAct, typename T>
 CSM_HOST_DEVICE Jet<T> activation_jet_backward(T a, T a1, T a2, T gh, T gh1, T gh2) {
   const ActivationDerivs<T> D = activation_derivs<kAct>(a);
-  const T ga = gh * D.d1 + gh1 * D.d2 * a1 + gh2 * (D.d3 * a1 * a1 + D.d2 * a2);
-  const T ga1 = gh1 * D.d1 + T(2) * gh2 * D.d2 * a1;
-  const T ga2 = gh2 * D.d1;
-  return {ga, ga1, ga2};
+  return jet_backward_from_derivs(D.d1, D.d2, D.d3, a1, a2, gh, gh1, gh2);
 }
 
 // The first layer's pre-activation jet for hidden unit k: a = z_k + u_k·x, a' = u_k, a'' = 0.

@@ -21,8 +21,16 @@
 namespace csm_ext {
 namespace {
 
-// Elements per tile: keeps the scratch of the backward (2·L·3·rows·H values) in L2.
-int64_t tile_rows(int64_t H) { return std::clamp<int64_t>(16384 / H, 16, 512); }
+// Elements per tile, given how many (3·rows x H) scratch blocks a tile needs: the scratch
+// should stay in L2 (about 1 MiB of float32), and more rows make the tile's matrix products
+// more efficient.
+int64_t tile_rows(int64_t H, int64_t blocks) {
+  const int64_t rows = (int64_t{1} << 18) / (blocks * 3 * H);
+  return std::clamp<int64_t>(rows / 16 * 16, 16, 512);
+}
+// Scratch blocks: the forward reuses 2 (pre, post); the backward keeps 3 per layer plus 2.
+constexpr int64_t forward_blocks() { return 2; }
+constexpr int64_t backward_blocks(int64_t L) { return 3 * L + 2; }
 
 template <typename scalar_t>
 at::Tensor as_matrix(scalar_t* data, int64_t rows, int64_t cols) {
@@ -43,53 +51,63 @@ struct HeadParams {
   int64_t N, H, L;
 };
 
-// Forward jets of one tile of elements [n0, n0 + rows). `pre` and `post` point at per-layer
-// scratch blocks of 3·rows·H values each; with `keep_all` every layer gets its own block (the
-// backward needs them), otherwise layer blocks are reused.
-template <Activation kAct, typename scalar_t>
-void tile_forward(const HeadParams<scalar_t>& p, int64_t n0, int64_t rows, scalar_t* pre,
-                  scalar_t* post, bool keep_all) {
-  const int64_t H = p.H, block = rows * H;
-  // Layer 1: pre-activation jet (z + u·x, u, 0); only the value needs storing (a' = u, a'' = 0).
-  {
-    scalar_t* h0 = post;
-    scalar_t* h1 = post + block;
-    scalar_t* h2 = post + 2 * block;
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* zr = p.z + (n0 + r) * H;
-      const scalar_t xr = p.x[n0 + r];
-      scalar_t* a0 = pre + r * H;
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) {
-        const Jet<scalar_t> a = input_jet(zr[k], p.u[k], xr);
-        const Jet<scalar_t> h = activation_jet<kAct>(a.v, a.d1, a.d2);
-        a0[k] = a.v;
-        h0[r * H + k] = h.v;
-        h1[r * H + k] = h.d1;
-        h2[r * H + k] = h.d2;
-      }
-    }
+// Push the pre-activation jet of scratch entry i through φ and store what the caller needs
+// (blocks are `block` values apart; see tile_forward).
+template <Activation kAct, bool kKeep, typename scalar_t>
+inline __attribute__((always_inline)) void apply_activation(
+    int64_t i, int64_t block, scalar_t a0, scalar_t a1, scalar_t a2, scalar_t* __restrict h,
+    scalar_t* __restrict a, scalar_t* __restrict D) {
+  const ActivationDerivs<scalar_t> d = activation_derivs<kAct>(a0);
+  const Jet<scalar_t> hj = jet_from_derivs(d, a1, a2);
+  h[i] = hj.v;
+  h[i + block] = hj.d1;
+  h[i + 2 * block] = hj.d2;
+  if constexpr (kKeep) {
+    a[i + block] = a1;
+    a[i + 2 * block] = a2;
+    D[i] = d.d1;
+    D[i + block] = d.d2;
+    D[i + 2 * block] = d.d3;
   }
-  for (int64_t l = 1; l < p.L; ++l) {
-    scalar_t* prev = post + (keep_all ? (l - 1) * 3 * block : 0);
-    scalar_t* a = pre + (keep_all ? l * 3 * block : 0);
-    scalar_t* h = post + (keep_all ? l * 3 * block : 0);
-    // All three jet components pass through the same linear map: one product for the tile.
-    at::Tensor a_mat = as_matrix(a, 3 * rows, H);
-    at::mm_out(a_mat, as_matrix(prev, 3 * rows, H), p.Wt[l - 1]);
-    const scalar_t* bias = p.b + (l - 1) * H;
+}
+
+// Forward jets of one tile of elements [n0, n0 + rows). Scratch blocks hold 3·rows·H values.
+// kKeep = false (forward op): `pre` and `post` are reused across layers; `derivs` is unused.
+// kKeep = true (backward op): every layer l keeps its own blocks at offset l·3·rows·H of
+//   pre    [a | a' | a'']      (a' and a'' are what the backward needs)
+//   post   [h | h' | h'']      (inputs of the next layer's weight gradient)
+//   derivs [φ' | φ'' | φ''']   (so the backward does not evaluate φ again)
+template <Activation kAct, bool kKeep, typename scalar_t>
+void tile_forward(const HeadParams<scalar_t>& p, int64_t n0, int64_t rows, scalar_t* pre,
+                  scalar_t* post, scalar_t* derivs) {
+  const int64_t H = p.H, block = rows * H;
+  const int64_t stride = kKeep ? 3 * block : 0;
+  for (int64_t l = 0; l < p.L; ++l) {
+    scalar_t* __restrict a = pre + l * stride;
+    scalar_t* __restrict h = post + l * stride;
+    scalar_t* __restrict D = kKeep ? derivs + l * stride : nullptr;
+    const scalar_t* __restrict u = p.u;
+    if (l > 0) {
+      // All three jet components pass through the same linear map: one product for the tile.
+      at::Tensor a_mat = as_matrix(a, 3 * rows, H);
+      at::mm_out(a_mat, as_matrix(post + (l - 1) * stride, 3 * rows, H), p.Wt[l - 1]);
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* a0 = a + r * H;
-      scalar_t* a1 = a0 + block;
-      scalar_t* a2 = a0 + 2 * block;
-      scalar_t* h0 = h + r * H;
+      const int64_t o = r * H;
+      if (l == 0) {  // layer 1 starts from the jet (z + u·x, u, 0)
+        const scalar_t* __restrict zr = p.z + (n0 + r) * H;
+        const scalar_t xr = p.x[n0 + r];
 #pragma omp simd
-      for (int64_t k = 0; k < H; ++k) {
-        a0[k] += bias[k];
-        const Jet<scalar_t> hj = activation_jet<kAct>(a0[k], a1[k], a2[k]);
-        h0[k] = hj.v;
-        h0[k + block] = hj.d1;
-        h0[k + 2 * block] = hj.d2;
+        for (int64_t k = 0; k < H; ++k) {
+          const Jet<scalar_t> aj = input_jet(zr[k], u[k], xr);
+          apply_activation<kAct, kKeep>(o + k, block, aj.v, aj.d1, aj.d2, h, a, D);
+        }
+      } else {  // later layers from the tile's product plus the bias
+        const scalar_t* __restrict bias = p.b + (l - 1) * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k)
+          apply_activation<kAct, kKeep>(o + k, block, a[o + k] + bias[k], a[o + k + block],
+                                        a[o + k + 2 * block], h, a, D);
       }
     }
   }
@@ -121,15 +139,15 @@ HeadParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& x, const
 
 template <Activation kAct, typename scalar_t>
 void forward_impl(const HeadParams<scalar_t>& p, scalar_t* E, scalar_t* dE, scalar_t* d2E) {
-  const int64_t T = tile_rows(p.H);
+  const int64_t T = tile_rows(p.H, forward_blocks());
   const int64_t num_tiles = (p.N + T - 1) / T;
   at::parallel_for(0, num_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<scalar_t> scratch(2 * 3 * T * p.H);
+    std::vector<scalar_t> scratch(forward_blocks() * 3 * T * p.H);
     scalar_t* pre = scratch.data();
     scalar_t* post = pre + 3 * T * p.H;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t n0 = t * T, rows = std::min(T, p.N - n0), block = rows * p.H;
-      tile_forward<kAct>(p, n0, rows, pre, post, /*keep_all=*/false);
+      tile_forward<kAct, false>(p, n0, rows, pre, post, static_cast<scalar_t*>(nullptr));
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* h = post + r * p.H;
         const Jet<scalar_t> e = energy_jet(dot(p.w, h, p.H), dot(p.w, h + block, p.H),
@@ -153,22 +171,25 @@ template <Activation kAct, typename scalar_t>
 void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const scalar_t* gdE,
                     const scalar_t* gd2E, int64_t t_begin, int64_t t_end, scalar_t* gz,
                     scalar_t* gx, ParamGrads<scalar_t>& acc) {
-  const int64_t H = p.H, L = p.L, T = tile_rows(H);
-  // pre: L blocks of pre-activation jets; post: L blocks of activation jets; G and Gh: the
-  // gradients with respect to a layer's pre-activation and post-activation jets.
-  std::vector<scalar_t> scratch((2 * L + 2) * 3 * T * H);
+  const int64_t H = p.H, L = p.L, T = tile_rows(H, backward_blocks(L));
+  // Per layer: pre-activation jets, activation jets, φ's derivatives (see tile_forward); then
+  // G and Gh, the gradients with respect to a layer's pre- and post-activation jets.
+  std::vector<scalar_t> scratch(backward_blocks(L) * 3 * T * H);
   scalar_t* pre = scratch.data();
   scalar_t* post = pre + L * 3 * T * H;
-  scalar_t* G = post + L * 3 * T * H;
+  scalar_t* derivs = post + L * 3 * T * H;
+  scalar_t* G = derivs + L * 3 * T * H;
   scalar_t* Gh = G + 3 * T * H;
+  scalar_t* __restrict gw_acc = acc.w.data();
+  scalar_t* __restrict gu_acc = acc.u.data();
+  const scalar_t* __restrict w = p.w;
+  const scalar_t* __restrict u = p.u;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n0 = t * T, rows = std::min(T, p.N - n0), block = rows * H;
-    tile_forward<kAct>(p, n0, rows, pre, post, /*keep_all=*/true);
+    tile_forward<kAct, true>(p, n0, rows, pre, post, derivs);
 
     // Output layer: E = w·h + ..., so dLoss/dh = gE·w (and likewise for h', h'').
     const scalar_t* hL = post + (L - 1) * 3 * block;
-    scalar_t* __restrict gw_acc = acc.w.data();
-    const scalar_t* __restrict w = p.w;
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t g0 = gE[n0 + r], g1 = gdE[n0 + r], g2 = gd2E[n0 + r];
       const scalar_t* __restrict h = hL + r * H;
@@ -183,18 +204,20 @@ void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const sca
     }
 
     for (int64_t l = L - 1; l >= 0; --l) {
-      const scalar_t* a = pre + l * 3 * block;
+      const scalar_t* __restrict a = pre + l * 3 * block;
+      const scalar_t* __restrict D = derivs + l * 3 * block;
       if (l > 0) {
-        // Through φ, then through a_{l} = W_{l-1} h_{l-1} + b_{l-1}.
+        // Through φ, then through a_l = W_{l-1} h_{l-1} + b_{l-1}.
         scalar_t* __restrict gb = acc.b.data() + (l - 1) * H;
         for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* __restrict a0 = a + r * H;
-          const scalar_t* __restrict gh = Gh + r * H;
-          scalar_t* __restrict g = G + r * H;
+          const int64_t o = r * H;
+          const scalar_t* __restrict gh = Gh + o;
+          scalar_t* __restrict g = G + o;
 #pragma omp simd
           for (int64_t k = 0; k < H; ++k) {
-            const Jet<scalar_t> ga = activation_jet_backward<kAct>(
-                a0[k], a0[k + block], a0[k + 2 * block], gh[k], gh[k + block], gh[k + 2 * block]);
+            const Jet<scalar_t> ga = jet_backward_from_derivs(
+                D[o + k], D[o + k + block], D[o + k + 2 * block], a[o + k + block],
+                a[o + k + 2 * block], gh[k], gh[k + block], gh[k + 2 * block]);
             g[k] = ga.v;
             g[k + block] = ga.d1;
             g[k + 2 * block] = ga.d2;
@@ -207,20 +230,18 @@ void backward_chunk(const HeadParams<scalar_t>& p, const scalar_t* gE, const sca
         at::Tensor Gh_mat = as_matrix(Gh, 3 * rows, H);
         at::mm_out(Gh_mat, G_mat, p.W[l - 1]);
       } else {
-        // First layer: a = z + u·x, a' = u, a'' = 0 (only the value was stored).
-        const scalar_t* __restrict u = p.u;
-        scalar_t* __restrict gu_acc = acc.u.data();
+        // First layer: a = z + u·x, a' = u, a'' = 0.
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r;
-          const scalar_t* __restrict a0 = a + r * H;
-          const scalar_t* __restrict gh = Gh + r * H;
+          const int64_t n = n0 + r, o = r * H;
+          const scalar_t* __restrict gh = Gh + o;
           const scalar_t xr = p.x[n];
           scalar_t* __restrict gzr = gz + n * H;
           scalar_t gx_dot = 0;
 #pragma omp simd reduction(+ : gx_dot)
           for (int64_t k = 0; k < H; ++k) {
-            const Jet<scalar_t> ga = activation_jet_backward<kAct>(
-                a0[k], u[k], scalar_t(0), gh[k], gh[k + block], gh[k + 2 * block]);
+            const Jet<scalar_t> ga =
+                jet_backward_from_derivs(D[o + k], D[o + k + block], D[o + k + 2 * block], u[k],
+                                         scalar_t(0), gh[k], gh[k + block], gh[k + 2 * block]);
             gzr[k] = ga.v;
             gu_acc[k] += ga.v * xr + ga.d1;
             gx_dot += ga.v * u[k];
@@ -236,7 +257,7 @@ template <Activation kAct, typename scalar_t>
 void backward_impl(const HeadParams<scalar_t>& p, const scalar_t* gE, const scalar_t* gdE,
                    const scalar_t* gd2E, scalar_t* gz, scalar_t* gx, scalar_t* gu,
                    at::Tensor& gW, scalar_t* gb, scalar_t* gw) {
-  const int64_t H = p.H, T = tile_rows(H);
+  const int64_t H = p.H, T = tile_rows(H, backward_blocks(p.L));
   const int64_t num_tiles = (p.N + T - 1) / T;
   const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tiles));
   std::vector<ParamGrads<scalar_t>> partial(num_chunks);
