@@ -10,7 +10,15 @@ from . import ops, reference
 
 __all__ = ["EnergyHead", "BACKENDS"]
 
-BACKENDS = ("fused", "autograd")
+# How the jets are computed: the fused op, or one of its pure-PyTorch twins (for reference and
+# comparison; all agree to rounding).
+_JETS = {
+    "fused": ops.head_jets,                    # csm_ext kernels
+    "autograd": reference.head_jets_ref,       # double backward through the plain energy
+    "eager": reference.head_jets_eager,        # hand-written forward-mode jets
+    "func": reference.head_jets_func,          # torch.func nested jvp
+}
+BACKENDS = tuple(_JETS)
 
 
 class EnergyHead(nn.Module):
@@ -27,8 +35,10 @@ class EnergyHead(nn.Module):
         hidden: H, the hidden width.  layers: L >= 1 hidden layers.
         activation: ``"softplus"``, ``"tanh"`` or ``"silu"``.
         confine: alpha >= 0.
-        backend: ``"fused"`` (the csm_ext kernels) or ``"autograd"`` (plain torch ops,
-            differentiable twice; the reference). Settable later via ``head.backend``.
+        backend: ``"fused"`` (the csm_ext kernels), ``"autograd"`` (plain torch ops,
+            differentiable twice; the reference), or ``"eager"`` / ``"func"`` (hand-written
+            forward-mode jets / ``torch.func`` jvp; for comparisons). Settable later via
+            ``head.backend``.
 
     Shapes: ``ctx`` is ``(*S, K)`` and ``x`` is ``(*S)``; outputs have the shape of ``x``.
     """
@@ -92,8 +102,7 @@ class EnergyHead(nn.Module):
                              f"{self.u.dtype}")
         z = self.proj(ctx).reshape(-1, self.hidden)
         args = (z, x.reshape(-1), self.u, self.W, self.b, self.w, self.confine, self.activation)
-        fn = ops.head_jets if self.backend == "fused" else reference.head_jets_ref
-        return tuple(t.view(x.shape) for t in fn(*args))
+        return tuple(t.view(x.shape) for t in _JETS[self.backend](*args))
 
     def forward(self, ctx: Tensor, x: Tensor) -> Tensor:
         """The energy E, with the shape of ``x``."""
