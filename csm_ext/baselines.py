@@ -11,6 +11,16 @@ score ``s = −∇_x E``) and return the per-sample loss (reduce with ``reductio
 * :func:`denoising_score_matching_loss` — ``½|s(x + σε) + ε/σ|²`` (Vincent 2011).
 
 :class:`EnergyMLP` is the matched full-joint energy network the benchmarks use.
+
+Two objectives train an *autoregressive* energy model (a context network + an
+:class:`~csm_ext.EnergyHead`, as CSM does), so that all methods can be compared on the same
+model with the CSM loss as the common yardstick:
+
+* :func:`conditional_dsm_loss` — DSM on each conditional: ``Σ_d ½(s_d(x̃_d | x_<d) + ε_d/σ)²``,
+  the head seeing the noisy ``x̃_d`` and the context the clean ``x_<d``;
+* :func:`sliced_csm_loss` — CSM with its trace term ``Σ_d ∂s_d/∂x_d`` replaced by the
+  Hutchinson/sliced estimate ``vᵀ∇_x(vᵀs)`` (one backward pass through the context network too;
+  needs a twice-differentiable head, ``backend="autograd"``).
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ from .loss import REDUCTIONS
 from .reference import activation_fn
 
 __all__ = ["EnergyMLP", "exact_score_matching_loss", "sliced_score_matching_loss",
-           "denoising_score_matching_loss", "reduce"]
+           "denoising_score_matching_loss", "conditional_dsm_loss", "sliced_csm_loss", "reduce"]
 
 
 def reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -121,3 +131,32 @@ def denoising_score_matching_loss(energy, x: Tensor, sigma: float, reduction: st
         _, grad = _energy_grad(energy, x + sigma * eps)
     residual = -grad + eps / sigma
     return reduce(0.5 * (residual * residual).sum(1), reduction)
+
+
+def conditional_dsm_loss(head, ctx: Tensor, x: Tensor, sigma: float, reduction: str = "mean",
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Denoising score matching of every conditional ``q(x_d | x_<d)`` of an autoregressive
+    energy model: ``Σ_d ½(s_d(x_d + σε_d) + ε_d/σ)²`` per sample, where ``s_d = −∂E_d/∂x_d`` is
+    evaluated by ``head`` at the noisy value with the clean context ``ctx`` (B, ..., K)."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0; got {sigma}")
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    _, dE, _ = head.jets(ctx, x + sigma * eps)
+    residual = -dE + eps / sigma
+    return reduce(0.5 * (residual * residual).reshape(x.shape[0], -1).sum(1), reduction)
+
+
+def sliced_csm_loss(context_fn, head, x: Tensor, reduction: str = "mean",
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Sliced (Hutchinson) estimate of the CSM loss: ``½|s|² + vᵀ∇_x(vᵀs)`` with
+    ``v ~ N(0, I)``, where ``s_d = −∂E_d/∂x_d`` and ``context_fn(x)`` gives the contexts
+    (B, D, K). Unbiased for :func:`csm_ext.csm_loss` (the off-diagonal terms through the context
+    vanish in expectation) but noisier; ``x`` is (B, D)."""
+    _check_x(x)
+    v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        _, dE, _ = head.jets(context_fn(x), x)
+        s = -dE
+        (jv,) = torch.autograd.grad((s * v).sum(), x, create_graph=True)  # ∇_x(vᵀs)
+    return reduce(0.5 * (s * s).sum(1) + (jv * v).sum(1), reduction)
