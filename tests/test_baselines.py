@@ -108,7 +108,8 @@ def test_sliced_csm_is_unbiased_for_csm():
     B, D, K = 3, 4, 2
     torch.manual_seed(0)
     head = EnergyHead(K, hidden=6, layers=2, activation="silu", backend="autograd").double()
-    mix = torch.randn(D, D, K, dtype=torch.float64).tril(-1)  # c_d depends on x_<d only
+    strictly_lower = torch.ones(D, D, dtype=torch.float64).tril(-1)[:, :, None]
+    mix = torch.randn(D, D, K, dtype=torch.float64) * strictly_lower  # c_d sees x_<d only
 
     def context_fn(x):
         return torch.tanh(torch.einsum("bj,djk->bdk", x, mix))
