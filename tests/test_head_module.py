@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing  # CompileCounterWithBackend (not imported by torch itself)
 from conftest import make_head_args
 
 import csm_ext
