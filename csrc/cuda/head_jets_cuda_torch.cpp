@@ -1,10 +1,16 @@
-// The torch-facing side of the CUDA head-jets kernels (named apart from head_jets_cuda.cu:
-// torch's extension build names objects by file stem, and two head_jets_cuda.o would clash): argument checks (head_checks.h, the same
+// The torch-facing side of the CUDA head-jets kernels: argument checks (head_checks.h, the same
 // as the CPU kernels), contiguous inputs, outputs and scratch from torch's caching allocator,
 // the input's device made current, launches on the current stream, and every launch checked.
-// Registered under the CUDA dispatch key of the schemas in csrc/ops.cpp.
-#include <ATen/ATen.h>
+// Registered under the CUDA dispatch key of the schemas in csrc/ops.cpp. (Not named
+// head_jets_cuda.cpp: torch's extension build names objects by file stem, and that would clash
+// with head_jets_cuda.cu.)
+// Per-operator ATen headers instead of <ATen/ATen.h>: this file then compiles in half the time.
+#include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
