@@ -37,10 +37,14 @@ import csm_ext
 from csm_ext import ops, reference
 
 METHODS = ("fused", "autograd", "eager", "func", "compile-autograd", "compile-eager")
+# Presets are lists of (N, H, L); --sizes/--hidden/--layers instead give their full product.
 PRESETS = {
-    "target": dict(sizes=[50_000], hidden=[64], layers=[2]),
-    "sweep": dict(sizes=[1_000, 10_000, 100_000, 1_000_000], hidden=[32, 64, 128], layers=[2, 3]),
-    "smoke": dict(sizes=[300], hidden=[16], layers=[2]),
+    "target": [(50_000, 64, 2)],
+    # N from 1e3 to 1e6 at the target width, then H and L varied at the target N.
+    "sweep": [(1_000, 64, 2), (10_000, 64, 2), (50_000, 64, 2), (200_000, 64, 2),
+              (1_000_000, 64, 2), (50_000, 32, 2), (50_000, 128, 2), (50_000, 64, 3),
+              (50_000, 128, 3)],
+    "smoke": [(300, 16, 2)],
 }
 _compiled: dict = {}
 
@@ -310,9 +314,11 @@ def main(argv=None):
 
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
-    preset = PRESETS[a.preset]
-    sizes, hidden, layers = (a.sizes or preset["sizes"], a.hidden or preset["hidden"],
-                             a.layers or preset["layers"])
+    if a.sizes or a.hidden or a.layers:
+        configs = [(N, H, L) for L in (a.layers or [2]) for H in (a.hidden or [64])
+                   for N in (a.sizes or [50_000])]
+    else:
+        configs = PRESETS[a.preset]
     methods = [m for m in a.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -328,15 +334,13 @@ def main(argv=None):
           f"{info['torch']}; measured {a.dtype} matmul {matmul / 1e9:.0f} GFLOP/s")
     print(f"# {' '.join(sys.argv)}")
     rows = []
-    for L in layers:
-        for H in hidden:
-            for N in sizes:
-                t0 = time.perf_counter()
-                new = run_config(N, H, L, methods, device, dtype, a.activation, a.repeats,
-                                 a.budget, memory, matmul)
-                rows += new
-                print(table(new).split("\n", 2)[2] if rows != new else table(new), flush=True)
-                print(f"#   ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    for N, H, L in configs:
+        t0 = time.perf_counter()
+        new = run_config(N, H, L, methods, device, dtype, a.activation, a.repeats, a.budget,
+                         memory, matmul)
+        rows += new
+        print(table(new).split("\n", 2)[2] if rows != new else table(new), flush=True)
+        print(f"#   ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     result = {"machine": info, "args": {k: str(v) for k, v in vars(a).items()},
               "dtype": a.dtype, "activation": a.activation,
               "rows": [asdict(r) for r in rows]}

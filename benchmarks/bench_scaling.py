@@ -67,8 +67,8 @@ def build(method, D, hidden, context_dim, head_hidden):
     return net, loss_fns[method]
 
 
-def child(method, D, B, hidden, context_dim, head_hidden, steps):
-    """Runs one configuration and prints a JSON line with its timings and peak memory."""
+def child(method, D, B, hidden, context_dim, head_hidden, steps, emit=print):
+    """Runs one configuration and emits JSON lines with its timings and peak memory."""
     import torch
 
     torch.manual_seed(0)
@@ -88,23 +88,38 @@ def child(method, D, B, hidden, context_dim, head_hidden, steps):
         f.write("5")  # reset the peak-RSS mark: measure the steps, not the imports
     t0 = time.perf_counter()
     train_step()  # warm-up, also tells the parent the method runs at all
-    print(json.dumps({"warmup_s": time.perf_counter() - t0}), flush=True)
+    emit(json.dumps({"warmup_s": time.perf_counter() - t0}))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         train_step()
         times.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    print(json.dumps({
+    emit(json.dumps({
         "median_s": statistics.median(times), "iqr_s": q[2] - q[0], "steps": len(times),
         "peak_extra_bytes": max(0, _status_bytes("VmHWM") - base),
         "params": sum(p.numel() for p in model.parameters()),
-    }), flush=True)
+    }))
 
 
 # ----------------------------------------------------------------------------- parent
+def run_in_process(method, D, B, args):
+    """Run a configuration here (quick looks and smoke tests): no budgets, and the peak memory
+    includes whatever this process held before."""
+    lines = []
+    child(method, D, B, args.hidden, args.context_dim, args.head_hidden, args.steps,
+          emit=lambda line: lines.append(json.loads(line)))
+    row = {"method": method, "D": D, "batch": B, "backward_passes": BACKWARD_PASSES[method],
+           "status": "ok"}
+    for line in lines:
+        row.update(line)
+    return row
+
+
 def run_one(method, D, B, args):
     """Run a configuration in a child process under the time and memory budgets."""
+    if args.in_process:
+        return run_in_process(method, D, B, args)
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import bench_scaling as b; b.child({method!r}, {D}, {B}, {args.hidden}, "
             f"{args.context_dim}, {args.head_hidden}, {args.steps})")
@@ -187,6 +202,8 @@ def main(argv=None):
     p.add_argument("--memory-budget-gb", type=float, default=12.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scaling_cpu.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every configuration in this process (no budgets; smoke tests)")
     args = p.parse_args(argv)
     dims = [int(v) for v in args.dims.split(",")]
     batches = [int(v) for v in args.batch.split(",")]
