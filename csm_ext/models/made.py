@@ -1,0 +1,186 @@
+"""MADE-CSM: a MADE context network followed by the shared energy head (DESIGN §3–§4).
+
+For x of shape (B, D) the MADE maps x to contexts c of shape (B, D, K) where c[:, d] depends on
+x_<d only (in the model's autoregressive order); the :class:`~csm_ext.EnergyHead` then gives the
+energies E_d = head(c_d, x_d), the unnormalised negative log-conditionals
+q(x_d | x_<d) ∝ exp(−E_d), with their first and second derivatives in x_d.
+
+Masks: the input unit of dimension d has degree m(d) ∈ {1..D} (its position in the order);
+hidden units get degrees in [1, D−1] and connect to units of the previous layer with degree
+≤ theirs (non-strict); the K outputs of dimension d connect to last-layer units of degree
+< m(d) (strict). So the first dimension in the order gets a context made of biases only.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..head import EnergyHead
+from ..loss import csm_loss
+from .. import sampling
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` (out_features, in_features)."""
+
+    def __init__(self, in_features, out_features, mask):
+        super().__init__(in_features, out_features)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def _resolve_order(order, dim, generator):
+    """``order[i]`` = the dimension generated i-th."""
+    if order is None or (isinstance(order, str) and order == "natural"):
+        return torch.arange(dim)
+    if isinstance(order, str):
+        if order != "random":
+            raise ValueError(f"order must be None, 'natural', 'random' or a permutation; got {order!r}")
+        return torch.randperm(dim, generator=generator)
+    order = torch.as_tensor(list(order), dtype=torch.long)
+    if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
+        raise ValueError(f"order must be a permutation of range({dim}); got {order.tolist()}")
+    return order
+
+
+class MADECSM(nn.Module):
+    """Autoregressive score-matching model with a MADE context network.
+
+    Args:
+        dim: D, the data dimension (inputs are flat, shape (B, D)).
+        hidden_sizes: widths of the MADE hidden layers (ReLU), e.g. ``(512,)``; ``()`` gives a
+            linear autoregressive context.
+        context_dim: K, context features per dimension (MADE output (B, D, K)).
+        head_hidden, head_layers, activation, confine, backend: the :class:`EnergyHead`.
+        order: None (natural), ``"random"`` (seeded by ``seed``) or a permutation of range(D).
+        direct: add strictly masked direct input→context connections (as in the MADE paper).
+        seed: seeds the hidden degrees (and a random order).
+    """
+
+    def __init__(self, dim, hidden_sizes=(512,), context_dim=16, head_hidden=64, head_layers=2,
+                 activation="softplus", order=None, confine=0.01, backend="fused", direct=False,
+                 seed=0):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int; got {dim!r}")
+        hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        if any(h < 1 for h in hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive; got {hidden_sizes}")
+        if not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive int; got {context_dim!r}")
+        g = torch.Generator().manual_seed(seed)
+        self.dim, self.context_dim = dim, context_dim
+        order = _resolve_order(order, dim, g)
+        self.register_buffer("order", order)
+        deg_in = torch.empty(dim, dtype=torch.long)
+        deg_in[order] = torch.arange(1, dim + 1)
+        self.register_buffer("degrees", deg_in)  # degree (1-based position) of each dimension
+
+        layers, prev = [], deg_in
+        for h in hidden_sizes:
+            lo = min(int(prev.min()), dim - 1)
+            deg = torch.randint(lo, dim, (h,), generator=g) if dim > 1 else torch.zeros(h, dtype=torch.long)
+            layers.append(MaskedLinear(len(prev), h, (deg[:, None] >= prev[None, :])))
+            prev = deg
+        self.hidden = nn.ModuleList(layers)
+        deg_out = deg_in.repeat_interleave(context_dim)  # output unit (d, k) -> index d*K + k
+        self.out = MaskedLinear(len(prev), dim * context_dim, deg_out[:, None] > prev[None, :])
+        self.direct = (MaskedLinear(dim, dim * context_dim, deg_out[:, None] > deg_in[None, :])
+                       if direct else None)
+        self.head = EnergyHead(context_dim, hidden=head_hidden, layers=head_layers,
+                               activation=activation, confine=confine, backend=backend)
+        self.config = dict(dim=dim, hidden_sizes=list(hidden_sizes), context_dim=context_dim,
+                           head_hidden=head_hidden, head_layers=head_layers, activation=activation,
+                           order=order.tolist(), confine=float(confine), backend=backend,
+                           direct=bool(direct), seed=seed)
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
+        return cls(**config)
+
+    @property
+    def backend(self):
+        """``"fused"`` or ``"autograd"``: how the head computes its jets (settable)."""
+        return self.head.backend
+
+    @backend.setter
+    def backend(self, value):
+        self.head.backend = value
+        self.config["backend"] = value
+
+    def _check_x(self, x):
+        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, {self.dim}); got {tuple(getattr(x, 'shape', ()))}")
+        return x
+
+    def _trunk(self, x):
+        h = x
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return h
+
+    def context(self, x):
+        """Contexts (B, D, K); ``c[:, d]`` depends on ``x[:, j]`` only for j before d in the order."""
+        x = self._check_x(x)
+        c = self.out(self._trunk(x))
+        if self.direct is not None:
+            c = c + self.direct(x)
+        return c.view(x.shape[0], self.dim, self.context_dim)
+
+    def context_at(self, x, d):
+        """The context (B, K) of dimension ``d`` alone (computes only its K output units)."""
+        rows = slice(d * self.context_dim, (d + 1) * self.context_dim)
+        o = self.out
+        c = F.linear(self._trunk(x), o.weight[rows] * o.mask[rows], o.bias[rows])
+        if self.direct is not None:
+            dr = self.direct
+            c = c + F.linear(x, dr.weight[rows] * dr.mask[rows], dr.bias[rows])
+        return c
+
+    def jets(self, x):
+        """``(E, dE, d2E)``, each (B, D): energies and their derivatives in their own x_d."""
+        return self.head.jets(self.context(x), x)
+
+    def energy(self, x):
+        """Energies E (B, D) (unnormalised: −log q(x_d|x_<d) up to a constant in x_d)."""
+        return self.jets(x)[0]
+
+    def score(self, x):
+        """Per-dimension conditional scores s_d = −∂E_d/∂x_d, shape (B, D)."""
+        return -self.jets(x)[1]
+
+    def loss(self, x, reduction="mean"):
+        """CSM loss Σ_d ½(E_d')² − E_d'' per sample; ``reduction`` "mean", "sum" or "none" (→ (B,))."""
+        return csm_loss(self.head, self.context(x), x, reduction)
+
+    def forward(self, x, reduction="mean"):
+        """Same as :meth:`loss` (so DistributedDataParallel can wrap the model)."""
+        return self.loss(x, reduction)
+
+    @torch.no_grad()
+    def sample(self, n, steps=100, step_size=1e-2, anneal=1.0, init=None, clip=None, denoise=0.0,
+               temperature=1.0, progress=True, generator=None, device=None):
+        """Per-dimension Langevin sampling (DESIGN §5). Returns x (n, D).
+
+        For each dimension in order its context is computed once for the whole batch, then
+        ``steps`` Langevin steps x ← x − (ε_t/2)·E'(c_d, x) + √ε_t·ξ run on the head alone, with
+        ε_t annealed geometrically from ``step_size·anneal`` down to ``step_size``. Chains start from
+        ``init``: "uniform" over ``clip`` (the default when ``clip`` is given), "normal", "zeros",
+        or a tensor (n, D). ``denoise=σ`` ends with the per-dimension Tweedie step
+        x ← x + σ²·s(x) (for models of data smoothed with N(0, σ²) noise): given y_≤d this is
+        exactly E[x_d | y_≤d] under the model. ``temperature`` < 1 samples every conditional at
+        q^(1/T) (sharper; 1 = the model). ``clip=(lo, hi)`` clamps the result to the data range.
+        """
+        p = self.head.proj.weight
+        device = p.device if device is None else device
+        x0 = sampling.initial_points(n, self.dim, init, clip, generator, p.dtype, device)
+        x = sampling.ar_langevin(lambda x, d: self.context_at(x, d), self.head, x0,
+                                 self.order.tolist(), steps, step_size, anneal, progress, generator,
+                                 temperature)
+        if denoise:
+            x = x + denoise ** 2 * self.score(x)
+        if clip is not None:
+            x = x.clamp(*clip)
+        return x
