@@ -253,7 +253,20 @@ def build_parser():
     _add_train_args(d, DEMO)
     _add_sample_args(d, DEMO, DEMO["n_samples"])
     d.set_defaults(fn=cmd_demo, out="runs/demo", eval_every=250)
+
+    b = sub.add_parser("bench", help="run a packaged benchmark (scaling: score-matching "
+                                     "methods as D grows)")
+    b.add_argument("name", choices=["scaling"], help="which benchmark")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="arguments of the benchmark (see `csm-ext bench scaling --help`)")
+    b.set_defaults(fn=cmd_bench)
     return p
+
+
+def cmd_bench(a):
+    from .bench import scaling
+
+    {"scaling": scaling.main}[a.name](a.bench_args)
 
 
 def main(argv=None):

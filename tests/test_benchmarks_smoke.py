@@ -59,3 +59,13 @@ def test_bench_stability_smoke(tmp_path):
     assert set(curves) == {"csm", "dsm-0.1", "ssm"}
     assert all(len(c) == 3 for c in curves.values())
     assert out.with_suffix(".png").exists()
+
+
+def test_cli_bench_scaling(tmp_path):
+    from csm_ext.cli import main
+
+    out = tmp_path / "cli.json"
+    assert main(["bench", "scaling", "--dims", "3", "--batch", "2", "--steps", "1", "--hidden", "4",
+                 "--methods", "dsm,csm-fused", "--in-process", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dsm", "csm-fused"]

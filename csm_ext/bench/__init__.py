@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package (so ``csm-ext bench`` can run them after install)."""
