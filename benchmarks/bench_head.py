@@ -35,6 +35,7 @@ import torch
 
 import csm_ext
 from csm_ext import ops, reference
+from csm_ext.bench.memory import reset_peak_rss, status_bytes
 
 METHODS = ("fused", "autograd", "eager", "func", "compile-autograd", "compile-eager")
 # Presets are lists of (N, H, L); --sizes/--hidden/--layers instead give their full product.
@@ -139,12 +140,6 @@ def peak_memory_cuda(method, args, act):
     return torch.cuda.max_memory_allocated() - base
 
 
-def _status_bytes(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _memory_child(method, N, H, L, dtype, act):
@@ -153,11 +148,10 @@ def _memory_child(method, N, H, L, dtype, act):
     if method.startswith("compile"):
         step(method, make_inputs(N, H, L, getattr(torch, dtype), torch.device("cpu"), 1), 0.1,
              act, backward=True)  # compile outside the measured step
-    base = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    base = status_bytes("VmRSS")
+    reset_peak_rss()
     step(method, args, 0.1, act, backward=True)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     print(json.dumps({"peak_extra_bytes": max(0, peak - base)}))
 
 

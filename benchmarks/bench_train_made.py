@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from csm_ext.bench.memory import reset_peak_rss, status_bytes
 from csm_ext.models import MADECSM
 
 
@@ -65,12 +66,6 @@ def time_steps(args, backend):
     return statistics.median(ts), q[2] - q[0]
 
 
-def _vm(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(args, backend):
@@ -79,11 +74,10 @@ def memory_child(args, backend):
     step()  # allocate optimizer state and caches
     import gc
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _vm("VmRSS")
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
     step()
-    return max(0, _vm("VmHWM") - base)
+    return max(0, status_bytes("VmHWM") - base)
 
 
 def peak_memory(args, backend):

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from csm_ext.bench.memory import reset_peak_rss, status_bytes
 from csm_ext.loss import csm_loss
 from csm_ext.models.pixelcnnpp import PixelCNNppCSM
 
@@ -153,12 +154,6 @@ def saved_bytes(cfg, backend, device):
     return bb, hd
 
 
-def _vm(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(cfg, backend):
@@ -167,11 +162,10 @@ def memory_child(cfg, backend):
     step()  # allocate optimizer state and caches
     import gc
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _vm("VmRSS")
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
     step()
-    return max(0, _vm("VmHWM") - base)
+    return max(0, status_bytes("VmHWM") - base)
 
 
 def peak_memory(cfg, backend, device, argv):

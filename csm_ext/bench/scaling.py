@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from .memory import reset_peak_rss, status_bytes
+
 METHODS = ("exact-sm", "sliced-sm", "sliced-sm-vr", "dsm", "csm-autograd", "csm-func",
            "csm-fused")
 BACKWARD_PASSES = {  # per training step, including the one for the parameter gradients
@@ -38,12 +40,6 @@ BACKWARD_PASSES = {  # per training step, including the one for the parameter gr
 
 
 # ----------------------------------------------------------------------------- child process
-def _status_bytes(key, pid="self"):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def build(method, D, hidden, context_dim, head_hidden):
@@ -84,9 +80,8 @@ def child(method, D, B, hidden, context_dim, head_hidden, steps, emit=print):
         opt.step()
         return loss.item()
 
-    base = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark: measure the steps, not the imports
+    base = status_bytes("VmRSS")
+    reset_peak_rss()  # measure the steps, not the imports
     t0 = time.perf_counter()
     train_step()  # warm-up, also tells the parent the method runs at all
     emit(json.dumps({"warmup_s": time.perf_counter() - t0}))
@@ -98,7 +93,7 @@ def child(method, D, B, hidden, context_dim, head_hidden, steps, emit=print):
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     emit(json.dumps({
         "median_s": statistics.median(times), "iqr_s": q[2] - q[0], "steps": len(times),
-        "peak_extra_bytes": max(0, _status_bytes("VmHWM") - base),
+        "peak_extra_bytes": max(0, status_bytes("VmHWM") - base),
         "params": sum(p.numel() for p in model.parameters()),
     }))
 
@@ -129,7 +124,7 @@ def run_one(method, D, B, args):
     start, peak_rss, status = time.perf_counter(), 0, None
     while proc.poll() is None:
         time.sleep(0.05)
-        rss = _status_bytes("VmRSS", proc.pid) if os.path.exists(f"/proc/{proc.pid}") else 0
+        rss = status_bytes("VmRSS", proc.pid)
         peak_rss = max(peak_rss, rss)
         if rss > args.memory_budget_gb * 2 ** 30:
             status = f"stopped: over the memory budget ({args.memory_budget_gb:g} GiB)"
