@@ -6,6 +6,9 @@ adds what PyTorch needs around them:
 * fake (meta) kernels, so the ops trace under ``torch.compile`` and ``torch.export``;
 * the autograd formula of ``head_jets`` (its backward is the ``head_jets_backward`` op, which
   recomputes the head instead of saving H-wide intermediates);
+* the autograd formula of ``head_jets_backward`` itself, so second derivatives (a gradient
+  penalty, training through a joint score) are exact: they come from autograd through the
+  pure-PyTorch reference (:func:`csm_ext.reference.head_jets_ref`), not from a fused kernel;
 * :func:`head_jets`, a typed wrapper that checks its arguments and names the wrong one.
 """
 from __future__ import annotations
@@ -67,7 +70,8 @@ def head_jets(z: Tensor, x: Tensor, u: Tensor, W: Tensor, b: Tensor, w: Tensor,
 
     Returns:
         ``(E, dE, d2E)``, each (N,): ``E``, ``dE/dx`` and ``d²E/dx²`` per element.
-        Differentiable (once) with respect to every tensor argument.
+        Differentiable with respect to every tensor argument: first derivatives by the fused
+        backward kernel, second and higher ones by autograd through the reference twin.
     """
     check_head_args(z, x, u, W, b, w, alpha, activation)
     return torch.ops.csm_ext.head_jets(z, x, u, W, b, w, float(alpha), activation)
@@ -107,3 +111,39 @@ def _head_jets_backward(ctx, grad_E, grad_dE, grad_d2E):
 
 torch.library.register_autograd("csm_ext::head_jets", _head_jets_backward,
                                 setup_context=_setup_context)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    *tensors, alpha, activation = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.alpha, ctx.activation = alpha, activation
+
+
+def _head_jets_double_backward(ctx, *grad_grads):
+    """Backward of ``head_jets_backward``: the second derivatives of the head.
+
+    Computed by autograd through the reference twin (the fused op's first derivatives equal the
+    reference's, so their derivatives do too). Slower than the fused first-order path, exact to
+    rounding, and differentiable again when the caller asks for a graph (``create_graph=True``).
+    """
+    from .reference import head_jets_ref
+
+    create_graph = torch.is_grad_enabled()  # True when the caller builds a graph of this grad
+    with torch.enable_grad():
+        # Inputs already in a graph stay attached when a further derivative may be taken.
+        leaves = [t if (create_graph and t.requires_grad) else t.detach().requires_grad_(True)
+                  for t in ctx.saved_tensors]
+        gE, gdE, gd2E, z, x, u, W, b, w = leaves
+        jets = head_jets_ref(z, x, u, W, b, w, ctx.alpha, ctx.activation)
+        first = torch.autograd.grad(jets, (z, x, u, W, b, w), (gE, gdE, gd2E),
+                                    create_graph=True, allow_unused=True)
+        pairs = [(f, g) for f, g in zip(first, grad_grads) if f is not None and g is not None]
+        if not pairs:
+            return (None,) * (len(leaves) + 2)
+        second = torch.autograd.grad([f for f, _ in pairs], leaves, [g for _, g in pairs],
+                                     create_graph=create_graph, allow_unused=True)
+    return (*second, None, None)
+
+
+torch.library.register_autograd("csm_ext::head_jets_backward", _head_jets_double_backward,
+                                setup_context=_backward_setup_context)

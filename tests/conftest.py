@@ -1,4 +1,10 @@
-"""Shared fixtures: random head arguments and device selection."""
+"""Shared fixtures and helpers: random head arguments, a rounding-proof "did it change" test,
+device selection.
+
+Floats computed in batches of different sizes, with different thread counts or along different
+code paths may differ in the last bits (oneDNN and MKL pick kernels by shape and CPU), so no test
+compares such values for exact equality; :func:`changed` separates rounding from a real effect.
+"""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +22,15 @@ def make_head_args(N: int, H: int, L: int, dtype=torch.float64, device="cpu", se
 
     return (rnd(N, H), rnd(N), rnd(H), rnd(L - 1, H, H, scale=H ** -0.5), rnd(L - 1, H, scale=0.5),
             rnd(H, scale=H ** -0.5))
+
+
+def changed(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """Elementwise: do ``a`` and ``b`` differ by more than rounding, i.e. by more than
+    ``tol · (1 + max(|a|, |b|))``? Meant for float64 dependency tests, where rounding differences
+    are ~1e-16 relative and a real dependency (an O(1) perturbation through O(0.1) weights) moves
+    values by far more than 1e-9."""
+    scale = 1 + torch.maximum(a.abs(), b.abs())
+    return (a - b).abs() > tol * scale
 
 
 @pytest.fixture(autouse=True)

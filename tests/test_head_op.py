@@ -42,6 +42,47 @@ def test_gradcheck_float64(act, L):
     torch.autograd.gradcheck(lambda *a: ops.head_jets(*a, ALPHA, act), args)
 
 
+@pytest.mark.parametrize("act,L", list(itertools.product(ACTS, LAYERS)))
+def test_gradgradcheck_float64(act, L):
+    """Second derivatives through the fused op (the backward op's own autograd) match finite
+    differences of the fused backward kernel."""
+    args = make_head_args(N=4, H=3, L=L, requires_grad=True, seed=10 + L)
+    torch.autograd.gradgradcheck(lambda *a: ops.head_jets(*a, ALPHA, act), args)
+
+
+@pytest.mark.parametrize("act,L", [("softplus", 2), ("tanh", 3), ("silu", 1)])
+def test_double_backward_matches_reference(act, L):
+    """A gradient penalty through the fused op (grad of a function of dE/dz, dE/dx taken with
+    create_graph) gives the reference's gradients for every argument, never a silent None."""
+    args = make_head_args(N=23, H=7, L=L, requires_grad=True, seed=3 * L)
+    results = []
+    for fn in (ops.head_jets, reference.head_jets_ref):
+        z, x, u, W, b, w = args
+        E, dE, d2E = fn(*args, ALPHA, act)
+        gz, gx = torch.autograd.grad(E.sum() + 0.5 * dE.pow(2).sum() - d2E.sum(), (z, x),
+                                     create_graph=True)
+        penalty = gz.pow(2).sum() + (gx * torch.linspace(-1, 1, len(gx),
+                                                         dtype=gx.dtype)).pow(2).sum()
+        results.append(torch.autograd.grad(penalty, args, allow_unused=True,
+                                           materialize_grads=True))
+    for name, a, r in zip("z x u W b w".split(), *results):
+        assert a is not None, name
+        assert_close_scaled(a, r, torch.float64, name)
+    assert results[0][5].abs().max() > 0  # the issue's case: d(penalty)/dw is not zero
+
+
+def test_third_derivative_is_connected():
+    """create_graph through the double backward keeps going (third order, vs the reference)."""
+    args = make_head_args(N=5, H=4, L=2, requires_grad=True, seed=2)
+    out = []
+    for fn in (ops.head_jets, reference.head_jets_ref):
+        E, _, _ = fn(*args, ALPHA, "tanh")
+        (gz,) = torch.autograd.grad(E.sum(), args[0], create_graph=True)
+        (gzz,) = torch.autograd.grad(gz.pow(2).sum(), args[0], create_graph=True)
+        out.append(torch.autograd.grad(gzz.pow(2).sum(), args[5]))
+    assert_close_scaled(out[0][0], out[1][0], torch.float64, "w")
+
+
 @pytest.mark.parametrize(
     "act,L,N,H,dtype",
     [(a, L, 37, 13, torch.float64) for a in ACTS for L in LAYERS]
@@ -153,3 +194,8 @@ def test_opcheck_head_jets_backward():
     grads = tuple(torch.randn(9, dtype=torch.float64) for _ in range(3))
     torch.library.opcheck(torch.ops.csm_ext.head_jets_backward.default,
                           (*grads, *args, ALPHA, "tanh"))
+    # with inputs that require grad: the backward op's own autograd (second derivatives)
+    args = make_head_args(9, 6, 2, seed=6, requires_grad=True)
+    grads = tuple(torch.randn(9, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.csm_ext.head_jets_backward.default,
+                          (*grads, *args, ALPHA, "softplus"))

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from conftest import changed
 from csm_ext.models.pixelcnnpp import (DownRightShiftedConv2d, DownRightShiftedDeconv2d,
                                        DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet,
                                        PixelCNNppCSM, down_shift, right_shift)
@@ -41,7 +42,8 @@ def _dependency(fn, in_shape, out_pos):
     y = fn(x)
     r, c = out_pos
     (g,) = torch.autograd.grad(y[0, :, r, c].pow(2).sum() + y[0, :, r, c].sum(), x)
-    return g[0].abs().sum(0) > 0
+    g = g[0].abs().sum(0)
+    return g > 1e-9 * g.max()  # far above rounding (a transform-based conv), far below a real path
 
 
 def _box(H, W, rows, cols):
@@ -115,7 +117,8 @@ def _positions(C, H, W):
 def test_autoregressive_property(C, H, W, dropout):
     """Perturbing element e changes no context of an element at or before e in the order and no
     energy of an element before e; the next element's context does change. All perturbations
-    run as one batch (exact comparison in float64)."""
+    run as one batch and are compared with an unperturbed batch of the same size, with a
+    threshold far above rounding and far below a real leak (float64)."""
     torch.manual_seed(0)
     m = _generic(PixelCNNppCSM(C, H, W, dropout=dropout, **SMALL).double()).eval()
     pos = _positions(C, H, W)
@@ -125,10 +128,11 @@ def test_autoregressive_property(C, H, W, dropout):
     flat = xp.view(D, D)
     flat[torch.arange(D), torch.arange(D)] += 1.0 + torch.rand(D, dtype=torch.float64)
     with torch.no_grad():
-        c0, E0 = m.context(x), m.energy(x)
+        base = x.repeat(D, 1, 1, 1)
+        c0, E0 = m.context(base), m.energy(base)
         c1, E1 = m.context(xp), m.energy(xp)
-    ctx_changed = (c1 != c0).any(-1)  # (D, C, H, W): perturbation e → element d changed
-    E_changed = E1 != E0
+    ctx_changed = changed(c1, c0).any(-1)  # (D, C, H, W): perturbation e → element d changed
+    E_changed = changed(E1, E0)
     pos_e = pos.reshape(-1)[torch.arange(D)]  # perturbed element b is flat index b (C-major)
     for b in range(D):
         before_or_at = pos <= pos_e[b]
@@ -141,7 +145,7 @@ def test_autoregressive_property(C, H, W, dropout):
     # the first element's context is the same for every input (biases and padding only)
     with torch.no_grad():
         other = m.context(torch.randn(2, C, H, W, dtype=torch.float64))
-    assert torch.allclose(other[:, 0, 0, 0], c0[:, 0, 0, 0].expand(2, -1))
+    assert torch.allclose(other[:, 0, 0, 0], c0[:1, 0, 0, 0].expand(2, -1))
 
 
 def test_context_rows_are_causal_and_pixel_context_matches():
