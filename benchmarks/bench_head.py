@@ -13,7 +13,7 @@ For each configuration and method: forward time (loss only, no grad) and forward
 memory of one forward+backward step, the FLOP rate, and speedups of the fused op. Every method's
 loss and gradients are checked against the fused op before anything is timed.
 
-  python benchmarks/bench_head.py                      # the issue's target configuration
+  python benchmarks/bench_head.py                      # the target configuration (N 50k, H 64, L 2)
   python benchmarks/bench_head.py --preset sweep       # N from 1e3 to 1e6, H and L varied
   python benchmarks/bench_head.py --device cuda --sizes 1e5,1e6,1e7 --hidden 64,128 --layers 2
 """

@@ -6,7 +6,7 @@ Every toy is a small object with
 - ``log_prob(x) -> Tensor (n,)`` for ``x`` of shape ``(n, 2)``: the normalised log-density,
 - ``range``: a box ``(lo, hi)`` that holds essentially all of the mass (for plots and clipping).
 
-All densities are smooth (the CSM objective needs that, see DESIGN §2); the checkerboard is a
+All densities are smooth (the CSM objective needs that, see docs/ARCHITECTURE.md, "The objective and the data"); the checkerboard is a
 uniform checkerboard convolved with a small Gaussian, whose density is still exact in closed form.
 The two spirals' density is a 1-D integral along the curve, evaluated by a fine quadrature
 (``quad_points``), accurate far beyond plotting or testing precision.
@@ -233,7 +233,7 @@ class CorrelatedGaussian:
 
     Σ = L Lᵀ with L lower triangular (random, seeded). In the natural order the conditional
     x_d | x_<d is Gaussian with variance v_d = L_dd² and score s_d(x) = −ε_d / L_dd, ε = L⁻¹x.
-    The CSM optimum (DESIGN §2) is E[L] = −½ Σ_d 1/v_d (``csm_optimum``).
+    The CSM optimum is E[L] = −½ Σ_d 1/v_d (``csm_optimum``).
     """
 
     name = "gaussian"
