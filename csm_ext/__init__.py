@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, ops, reference
+# The native library loads first, through the one loader that explains a failed load (torch
+# built against vs running, and the rebuild command).
+from ._native import _C
+from . import ops, reference
 from .head import BACKENDS, EnergyHead
 from .loss import csm_loss, csm_loss_from_jets
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._native import _C  # noqa: F401  (loading the library registers the ops)
 
 ACTIVATIONS = ("softplus", "tanh", "silu")
 
