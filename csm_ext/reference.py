@@ -9,6 +9,12 @@ All share the signature of :func:`csm_ext.ops.head_jets` and return ``(E, dE, d2
 * :func:`head_jets_eager` — the Taylor-mode jet recursion written by hand with batched matmuls
   (the strongest plain-PyTorch competitor; autograd does the backward).
 * :func:`head_jets_func` — ``torch.func`` nested forward-mode ``jvp``.
+
+and of the quadrature ops (signature of :func:`csm_ext.ops.head_logz`):
+
+* :func:`head_node_energies_ref` — the (N, G) energies ``E(z_n, t_g)`` on quadrature nodes,
+  through an (N, G, H) intermediate (what the fused op never stores);
+* :func:`head_logz_ref` — ``log Z_n = logsumexp_g(−E(z_n, t_g) + log_weights_g)``.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["activation_fn", "head_energy_ref", "head_jets_ref", "head_jets_eager",
-           "head_jets_func"]
+           "head_jets_func", "head_node_energies_ref", "head_logz_ref"]
 
 
 def activation_fn(name: str):
@@ -94,3 +100,23 @@ def head_jets_func(z, x, u, W, b, w, alpha=0.0, activation="softplus"):
 
     (E, dE), (_, d2E) = jvp(energy_and_slope, (x,), (torch.ones_like(x),))
     return E, dE, d2E
+
+
+def head_node_energies_ref(z: Tensor, u: Tensor, W: Tensor, b: Tensor, w: Tensor, alpha: float,
+                           activation: str, nodes: Tensor) -> Tensor:
+    """Energies of every element at every quadrature node: (N, G), entry (n, g) is
+    ``E(z_n, t_g) = w·h_L + alpha·t_g²/2`` with ``h_1 = φ(z_n + u·t_g)``. z (N, H), nodes (G,);
+    the weights as in :func:`csm_ext.ops.head_jets`. Materialises (N, G, H)."""
+    phi = activation_fn(activation)
+    h = phi(z[:, None, :] + nodes[None, :, None] * u)
+    for l in range(W.shape[0]):
+        h = phi(torch.add(h @ W[l].t(), b[l]))
+    return h @ w + 0.5 * alpha * nodes * nodes
+
+
+def head_logz_ref(z: Tensor, u: Tensor, W: Tensor, b: Tensor, w: Tensor, alpha: float,
+                  activation: str, nodes: Tensor, log_weights: Tensor) -> Tensor:
+    """Log-normalisers (N,): ``logsumexp_g(−E(z_n, t_g) + log_weights_g)``, the quadrature of
+    ``log ∫ exp(−E(z_n, t)) dt`` with nodes (G,) and log-weights (G,)."""
+    E = head_node_energies_ref(z, u, W, b, w, alpha, activation, nodes)
+    return torch.logsumexp(log_weights - E, dim=1)

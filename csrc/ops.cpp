@@ -17,5 +17,27 @@ TORCH_LIBRARY(csm_ext, m) {
       "Tensor u, Tensor W, Tensor b, Tensor w, float alpha, str activation) -> "
       "(Tensor grad_z, Tensor grad_x, Tensor grad_u, Tensor grad_W, Tensor grad_b, "
       "Tensor grad_w)");
+
+  // Quadrature of the head's normaliser. `nodes` (G,) are points t_g of the support and
+  // `log_weights` (G,) their log quadrature weights; nothing N×G×H is ever stored.
+  // Energies at every node: E[n, g] = E(z_n, t_g), shape (N, G).
+  m.def(
+      "head_node_energies(Tensor z, Tensor u, Tensor W, Tensor b, Tensor w, float alpha, "
+      "str activation, Tensor nodes) -> Tensor E");
+  // Its vector-Jacobian product: gradients for (z, u, W, b, w) given grad_E (N, G).
+  m.def(
+      "head_node_energies_backward(Tensor grad_E, Tensor z, Tensor u, Tensor W, Tensor b, "
+      "Tensor w, float alpha, str activation, Tensor nodes) -> (Tensor grad_z, Tensor grad_u, "
+      "Tensor grad_W, Tensor grad_b, Tensor grad_w)");
+  // log Z_n = logsumexp_g(−E(z_n, t_g) + log_weights_g), shape (N,).
+  m.def(
+      "head_logz(Tensor z, Tensor u, Tensor W, Tensor b, Tensor w, float alpha, "
+      "str activation, Tensor nodes, Tensor log_weights) -> Tensor logz");
+  // Its vector-Jacobian product, −Σ_g p_ng ∂E(z_n, t_g)/∂(z, u, W, b, w) · grad_logz_n with
+  // p = softmax_g(−E + log_weights) = exp(−E + log_weights − logz): `logz` is the forward's output.
+  m.def(
+      "head_logz_backward(Tensor grad_logz, Tensor logz, Tensor z, Tensor u, Tensor W, Tensor b, "
+      "Tensor w, float alpha, str activation, Tensor nodes, Tensor log_weights) -> "
+      "(Tensor grad_z, Tensor grad_u, Tensor grad_W, Tensor grad_b, Tensor grad_w)");
 }
 
