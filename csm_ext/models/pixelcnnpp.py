@@ -1,4 +1,4 @@
-"""PixelCNN++-CSM: a PixelCNN++ context network followed by the shared energy head (DESIGN §3–§4).
+"""PixelCNN++-CSM: a PixelCNN++ context network followed by the shared energy head (docs/ARCHITECTURE.md, "The model split").
 
 Images x have shape (B, C, H, W). The autoregressive order is raster order over pixels (row by
 row, left to right) and, inside a pixel, channel order 0..C−1. The model gives every element
@@ -272,7 +272,9 @@ class PixelCNNppCSM(nn.Module):
             self.chan_weight = nn.Parameter(torch.empty(C * K, C))
             nn.init.uniform_(self.chan_weight, -1.0 / math.sqrt(C), 1.0 / math.sqrt(C))
             mask = torch.arange(C)[None, :] < torch.arange(C)[:, None]  # [c, c'] = c' < c
-            self.register_buffer("chan_mask", mask.repeat_interleave(K, 0).float())
+            # Rebuilt here from the config, so not saved in the state_dict (see _load_from_state_dict).
+            self.register_buffer("chan_mask", mask.repeat_interleave(K, 0).float(),
+                                 persistent=False)
         else:
             self.chan_weight = None
         self.head = EnergyHead(K, hidden=head_hidden, layers=head_layers, activation=activation,
@@ -283,6 +285,21 @@ class PixelCNNppCSM(nn.Module):
                            nr_filters=nr_filters, context_dim=K, head_hidden=head_hidden,
                            head_layers=head_layers, activation=activation, dropout=float(dropout),
                            confine=float(confine), backend=backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # State dicts from csm_ext 0.1.0 carry the channel mask; it is a function of (C, K) alone,
+        # so the stored copy is checked and dropped (load_state_dict passes a copy: pop is local).
+        key = prefix + "chan_mask"
+        if key in state_dict:
+            old = state_dict.pop(key)
+            mask = getattr(self, "chan_mask", None)
+            if mask is None or tuple(old.shape) != tuple(mask.shape) or not torch.equal(
+                    old.to(mask), mask):
+                error_msgs.append(f"{key} of the state dict does not match the channel mask of "
+                                  f"this model (shape {tuple(old.shape)})")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @classmethod
     def from_config(cls, config: dict) -> "PixelCNNppCSM":
@@ -393,7 +410,7 @@ class PixelCNNppCSM(nn.Module):
                init=None, clip=None, denoise: float = 0.0, temperature: float = 1.0,
                progress: bool = True, generator: torch.Generator | None = None, device=None,
                flat: bool = False) -> Tensor:
-        """Per-dimension Langevin sampling (DESIGN §5). Returns x (n, C, H, W) (``flat=True``:
+        """Per-dimension Langevin sampling (docs/ARCHITECTURE.md, "Sampling"). Returns x (n, C, H, W) (``flat=True``:
         (n, C·H·W)).
 
         Pixels in raster order; for each pixel the backbone runs once for the whole batch (on
