@@ -61,7 +61,7 @@ from pathlib import Path
 sdist, tree = sys.argv[1], Path(sys.argv[2])
 with tarfile.open(sdist) as archive:
     names = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile() and "/" in m.name}
-# Named in the issue that found them missing; then every file of the clean checkout.
+# The files a build needs (once missing from the sdist); then every file of the clean checkout.
 must = ["csrc/head_math.h", "csrc/head_checks.h", "csrc/ops.cpp", "csrc/python_module.cpp",
         "csrc/cpu/head_jets_cpu.cpp", "csrc/cuda/head_jets_cuda.cu", "csrc/cuda/head_jets_cuda.h",
         "csrc/cuda/head_jets_block.h", "csrc/cuda/head_jets_cuda_torch.cpp", "CMakeLists.txt",
