@@ -115,6 +115,13 @@ def _add_model_args(p, d):
     g = p.add_argument_group("model")
     g.add_argument("--model", default="made", choices=["made", "pixelcnnpp"],
                    help="context network: MADE (any data) or PixelCNN++ (images)")
+    g.add_argument("--objective", default=None,
+                   choices=["csm", "mle", "hybrid"],
+                   help="training objective: composite score matching, maximum likelihood by "
+                        "quadrature (exact, G head evaluations per element), or CSM + "
+                        "mle-weight·NLL (default: csm; a resumed run: its own)")
+    g.add_argument("--mle-weight", type=float, default=None,
+                   help="weight of the NLL in the hybrid objective (default: 1)")
     g.add_argument("--hidden", type=int, nargs="*", default=list(d["hidden"]),
                    help="MADE hidden layer widths")
     g.add_argument("--context-dim", type=int, default=d["context_dim"], help="K context features per dimension")
@@ -154,8 +161,14 @@ def _add_data_args(p, d):
 def _add_sample_args(p, d, note):
     """Sampling flags. Their defaults are None ("not given"): :func:`resolve_sample_settings`
     fills them in from the checkpoint, if any, then from ``d``; ``note`` says so in --help."""
-    g = p.add_argument_group("sampling (per-dimension Langevin)", note)
+    g = p.add_argument_group("sampling", note)
     step = d["step_size"]
+    g.add_argument("--method", default=None, choices=["grid", "langevin"],
+                   help="exact inverse-CDF sampling of each conditional on the quadrature grid, "
+                        "or the paper's per-dimension Langevin (default: grid)")
+    g.add_argument("--nodes", type=int, default=None,
+                   help="grid sampler: nodes of the grid over the support (odd; default: "
+                        "csm_ext.models.DEFAULT_NODES)")
     g.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=None,
                    help=f"number of samples (default: {d['n_samples']})")
     g.add_argument("--sample-steps", type=int, default=None,
@@ -211,14 +224,22 @@ def _model_sample_defaults(name):
     """model.sample's own defaults for the settings a run's sample_kwargs may leave out."""
     import inspect
 
+    from .models import ARCSM
     from .train import MODELS
 
     if name not in MODELS:
         return {}
-    params = inspect.signature(MODELS[name].sample).parameters
+    params = inspect.signature(ARCSM.sample).parameters
     return {flag: params[key].default for flag, key in
             (("sample_steps", "steps"), ("anneal", "anneal"), ("temperature", "temperature"))
             if key in params}
+
+
+def _default_method(train_config):
+    """The grid sampler, except for runs whose stored sampling settings predate it (csm_ext
+    0.1.0 runs, drawn with Langevin): their figures are redrawn the way they were made."""
+    stored = train_config.get("sample_kwargs") if train_config else None
+    return "langevin" if isinstance(stored, dict) and "method" not in stored else "grid"
 
 
 def resolve_sample_settings(a, ckpt=None, defaults=PLAIN, n_from_ckpt_if_zero=False):
@@ -247,7 +268,9 @@ def resolve_sample_settings(a, ckpt=None, defaults=PLAIN, n_from_ckpt_if_zero=Fa
               step_size=pick(a.step_size, "step_size", defaults["step_size"]),
               anneal=pick(a.anneal, "anneal", defaults["anneal"]),
               temperature=pick(a.temperature, "temperature", defaults["temperature"]),
-              init=pick(a.init, "init", None))
+              init=pick(a.init, "init", None),
+              method=pick(a.method, "method", _default_method(tc)),
+              nodes=pick(a.nodes, "nodes", None))
     if a.denoise is False:
         kw["denoise"] = 0.0
     elif a.denoise is None and "denoise" in saved:
@@ -290,11 +313,15 @@ def _build_model(a, source):
         return PixelCNNppCSM(C, H, W, nr_resnet=a.nr_resnet, nr_filters=a.nr_filters,
                              context_dim=a.context_dim, head_hidden=a.head_hidden,
                              head_layers=a.head_layers, activation=a.activation,
-                             dropout=a.dropout, confine=a.confine, backend=backend)
+                             dropout=a.dropout, confine=a.confine, backend=backend,
+                             support=source.support, objective=a.objective or "csm",
+                             mle_weight=1.0 if a.mle_weight is None else a.mle_weight)
     order = None if a.order == "natural" else a.order
     return MADECSM(source.dim, hidden_sizes=a.hidden, context_dim=a.context_dim,
                    head_hidden=a.head_hidden, head_layers=a.head_layers, activation=a.activation,
-                   order=order, confine=a.confine, backend=backend, direct=a.direct, seed=a.seed)
+                   order=order, confine=a.confine, backend=backend, direct=a.direct, seed=a.seed,
+                   support=source.support, objective=a.objective or "csm",
+                   mle_weight=1.0 if a.mle_weight is None else a.mle_weight)
 
 
 def _run_files(out):
@@ -392,6 +419,12 @@ def _run_training(a, defaults=PLAIN, own_out=None):
         model = _build_model(a, source)
     if a.backend:
         model.backend = a.backend
+    if a.objective is not None:  # a resumed run keeps its checkpoint's unless given
+        model.objective = a.objective
+    if a.mle_weight is not None:
+        model.config["mle_weight"] = float(a.mle_weight)
+    if model.support is None:  # checkpoints of csm_ext 0.1.0: the data source's support
+        model.support = source.support
     if a.out is None and main_rank:
         print(f"csm-ext: writing to {out}", file=sys.stderr)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.schedule,

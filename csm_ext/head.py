@@ -104,6 +104,30 @@ class EnergyHead(nn.Module):
         args = (z, x.reshape(-1), self.u, self.W, self.b, self.w, self.confine, self.activation)
         return tuple(t.view(x.shape) for t in _JETS[self.backend](*args))
 
+    def _z(self, ctx: Tensor) -> Tensor:
+        if ctx.dim() < 1 or ctx.shape[-1] != self.context_dim:
+            raise ValueError(f"ctx must have shape (*S, {self.context_dim}); got "
+                             f"{tuple(ctx.shape)}")
+        return self.proj(ctx).reshape(-1, self.hidden)
+
+    def node_energies(self, ctx: Tensor, nodes: Tensor) -> Tensor:
+        """Energies at quadrature nodes: ``ctx`` (*S, K), ``nodes`` (G,) → (*S, G), entry
+        ``[..., g] = E(c, t_g)``. Fused op for ``backend="fused"``, else the reference."""
+        fn = ops.head_node_energies if self.backend == "fused" else \
+            reference.head_node_energies_ref
+        E = fn(self._z(ctx), self.u, self.W, self.b, self.w, self.confine, self.activation,
+               nodes.to(self.u.dtype))
+        return E.view(*ctx.shape[:-1], nodes.shape[0])
+
+    def logz(self, ctx: Tensor, nodes: Tensor, log_weights: Tensor) -> Tensor:
+        """Log-normalisers ``log ∫ exp(−E(c, t)) dt`` by quadrature (nodes (G,), log-weights
+        (G,); see :func:`csm_ext.quadrature.rule`): ``ctx`` (*S, K) → (*S). Fused op for
+        ``backend="fused"``, else the reference (which stores (N, G, H))."""
+        fn = ops.head_logz if self.backend == "fused" else reference.head_logz_ref
+        out = fn(self._z(ctx), self.u, self.W, self.b, self.w, self.confine, self.activation,
+                 nodes.to(self.u.dtype), log_weights.to(self.u.dtype))
+        return out.view(ctx.shape[:-1])
+
     def forward(self, ctx: Tensor, x: Tensor) -> Tensor:
         """The energy E, with the shape of ``x``."""
         return self.jets(ctx, x)[0]

@@ -25,7 +25,9 @@ SMALL_WORK = 32768
 
 
 @contextlib.contextmanager
-def _threads_for(work, device):
+def threads_for(work, device):
+    """Run the block on one CPU thread when ``work`` (head units per call) is below
+    :data:`SMALL_WORK`."""
     if str(device).startswith("cpu") and work < SMALL_WORK and torch.get_num_threads() > 1:
         old = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -111,7 +113,7 @@ def ar_langevin(context_at, head, x, order, steps, step_size, anneal=1.0, progre
     x = x.clone()
     for d in tqdm(order, desc="sampling", unit="dim", disable=not progress, leave=False):
         ctx = context_at(x, d)
-        with _threads_for(x.shape[0] * getattr(head, "hidden", 64), x.device):
+        with threads_for(x.shape[0] * getattr(head, "hidden", 64), x.device):
             x[:, d] = langevin_1d(head, ctx, x[:, d], steps, step_size, anneal, generator,
                                   temperature)
     return x

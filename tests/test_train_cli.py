@@ -335,19 +335,23 @@ def test_sample_takes_unset_settings_from_the_checkpoint(tmp_path):
     out = tmp_path / "r"
     assert main(["train", "--data", "toy:rings", *TINY, "--out", str(out), "--temperature", "0.5",
                  "--anneal", "5", "--step-size", "0.02", "--init", "normal", "--no-denoise",
-                 "--n-samples", "5", "--sample-steps", "3", "--seed", "11"]) == 0
+                 "--method", "langevin", "--n-samples", "5", "--sample-steps", "3",
+                 "--seed", "11"]) == 0
     _, ck = load_checkpoint(str(out / "last.pt"))
     st = resolve_sample_settings(_sample_args(), ck)
     assert st == dict(n=5, seed=11, kwargs=dict(steps=3, step_size=0.02, anneal=5.0,
-                                                temperature=0.5, init="normal", denoise=0.0))
+                                                temperature=0.5, init="normal", denoise=0.0,
+                                                method="langevin", nodes=None))
     st = resolve_sample_settings(_sample_args("--temperature", "0.9", "--denoise", "--n", "2",
                                               "--seed", "1", "--sample-steps", "7"), ck)
     assert st == dict(n=2, seed=1, kwargs=dict(steps=7, step_size=0.02, anneal=5.0,
-                                               temperature=0.9, init="normal"))
+                                               temperature=0.9, init="normal",
+                                               method="langevin", nodes=None))
     # a checkpoint without a run's settings: the built-in defaults
     st = resolve_sample_settings(_sample_args(), dict(ck, train_config=None))
     assert st == dict(n=64, seed=0, kwargs=dict(steps=200, step_size=None, anneal=30.0,
-                                                temperature=1.0, init=None))
+                                                temperature=1.0, init=None, method="grid",
+                                                nodes=None))
     # and a resumed run keeps the checkpoint's settings unless given
     assert main(["train", "--resume", str(out / "last.pt"), "--steps", "6", "--no-progress"]) == 0
     tc = load_checkpoint(str(out / "last.pt"))[1]["train_config"]

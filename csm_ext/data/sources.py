@@ -2,7 +2,9 @@
 
 A source gives flat float batches ``batch(n, generator) -> (n, D)`` in model space (fresh
 dequantisation and smoothing noise every call), a fixed held-out set ``test`` (n_test, D), the
-range samples are clipped to (``clip``), the smoothing noise ``sigma`` (for the denoising step of
+range samples are clipped to (``clip``), the interval the model's conditionals live on
+(``support``: the data range widened by 4σ of the smoothing noise for images, the box for toys),
+the smoothing noise ``sigma`` (for the denoising step of
 sampling), ``to_display`` for figures, and ``config()`` which :func:`make_source` turns back into
 the same source (checkpoints store it).
 """
@@ -10,6 +12,15 @@ import torch
 
 from .images import Preprocess, load_images
 from .toys import TOYS, CorrelatedGaussian, get_toy
+
+
+def _widened(box):
+    """The support of a toy or Gaussian source: its plotting box (which holds all but a tail of
+    the mass, e.g. 4 std) widened by a quarter of its width on each side, so that fresh data
+    fall outside with negligible probability (6 std and more for the Gaussians)."""
+    lo, hi = box
+    pad = 0.25 * (hi - lo)
+    return (lo - pad, hi + pad)
 
 
 class ImageSource:
@@ -36,6 +47,9 @@ class ImageSource:
         self.test = self.pre(test.images, generator=torch.Generator().manual_seed(seed + 1)).flatten(1)
         self.clip = self.pre.data_range
         self.sigma = self.pre.sigma
+        # The conditionals' interval: the data range widened by 4 sigma of the smoothing noise.
+        lo, hi = self.clip
+        self.support = (lo - 4 * self.sigma, hi + 4 * self.sigma)
         self._config = dict(kind="image", name=name, root=root, sigma=sigma, logit=logit,
                             range=list(range), test_fraction=test_fraction, seed=seed, limit=limit)
 
@@ -66,6 +80,7 @@ class ToySource:
         self.toy = get_toy(name)
         self.dim, self.shape, self.sigma = 2, (2,), 0.0
         self.clip = self.toy.range
+        self.support = _widened(self.clip)
         self.test = self.toy.sample(n_test, generator=torch.Generator().manual_seed(seed + 1))
         self._config = dict(kind="toy", name=name, n_test=n_test, seed=seed)
 
@@ -91,6 +106,7 @@ class GaussianSource:
         self.gauss = CorrelatedGaussian(dim=dim, seed=seed)
         self.dim, self.shape, self.sigma = dim, (dim,), 0.0
         self.clip = self.gauss.range
+        self.support = _widened(self.clip)
         self.test = self.gauss.sample(n_test, generator=torch.Generator().manual_seed(seed + 1))
         self._config = dict(kind="gaussian", dim=dim, n_test=n_test, seed=seed)
 

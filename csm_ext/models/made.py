@@ -13,10 +13,10 @@ hidden units get degrees in [1, D−1] and connect to units of the previous laye
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..head import EnergyHead
-from ..loss import csm_loss
-from .. import sampling
+from .base import ARCSM
 
 
 class MaskedLinear(nn.Linear):
@@ -62,7 +62,7 @@ def _resolve_order(order, dim, generator):
     return order
 
 
-class MADECSM(nn.Module):
+class MADECSM(ARCSM):
     """Autoregressive score-matching model with a MADE context network.
 
     Args:
@@ -74,6 +74,13 @@ class MADECSM(nn.Module):
         order: None (natural), ``"random"`` (seeded by ``seed``) or a permutation of range(D).
         direct: add strictly masked direct input→context connections (as in the MADE paper).
         seed: seeds the hidden degrees (and a random order).
+        support: ``(lo, hi)``, the interval of every conditional (needed by the likelihood and
+            the grid sampler; settable later as ``model.support``).
+        objective, mle_weight: the training objective of ``loss``/``forward`` (see
+            :meth:`ARCSM.loss`).
+
+    Everything beyond the context network (likelihood, joint score, objectives, samplers) is
+    :class:`~csm_ext.models.ARCSM`'s.
 
     The masks are buffers outside the ``state_dict``: ``from_config(model.config)`` rebuilds
     them identically (the config holds the order as a list, and the seed).
@@ -81,7 +88,7 @@ class MADECSM(nn.Module):
 
     def __init__(self, dim, hidden_sizes=(512,), context_dim=16, head_hidden=64, head_layers=2,
                  activation="softplus", order=None, confine=0.01, backend="fused", direct=False,
-                 seed=0):
+                 seed=0, support=None, objective="csm", mle_weight=1.0):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int; got {dim!r}")
@@ -118,26 +125,7 @@ class MADECSM(nn.Module):
                            head_hidden=head_hidden, head_layers=head_layers, activation=activation,
                            order=order.tolist(), confine=float(confine), backend=backend,
                            direct=bool(direct), seed=seed)
-
-    @classmethod
-    def from_config(cls, config):
-        """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
-        return cls(**config)
-
-    @property
-    def backend(self):
-        """``"fused"`` or ``"autograd"``: how the head computes its jets (settable)."""
-        return self.head.backend
-
-    @backend.setter
-    def backend(self, value):
-        self.head.backend = value
-        self.config["backend"] = value
-
-    def _check_x(self, x):
-        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (B, {self.dim}); got {tuple(getattr(x, 'shape', ()))}")
-        return x
+        self._init_common(support, objective, mle_weight)
 
     def _trunk(self, x):
         h = x
@@ -147,7 +135,7 @@ class MADECSM(nn.Module):
 
     def context(self, x):
         """Contexts (B, D, K); ``c[:, d]`` depends on ``x[:, j]`` only for j before d in the order."""
-        x = self._check_x(x)
+        x = self._flatten(x)
         c = self.out(self._trunk(x))
         if self.direct is not None:
             c = c + self.direct(x)
@@ -155,56 +143,32 @@ class MADECSM(nn.Module):
 
     def context_at(self, x, d):
         """The context (B, K) of dimension ``d`` alone (computes only its K output units)."""
+        return self._context_of(d, self._trunk(x), x)
+
+    def _context_of(self, d, h, x):
+        """Dimension d's context (B, K) from the trunk's last hidden layer h and x."""
         rows = slice(d * self.context_dim, (d + 1) * self.context_dim)
         o = self.out
-        c = F.linear(self._trunk(x), o.weight[rows] * o.mask[rows], o.bias[rows])
+        c = F.linear(h, o.weight[rows] * o.mask[rows], o.bias[rows])
         if self.direct is not None:
             dr = self.direct
             c = c + F.linear(x, dr.weight[rows] * dr.mask[rows], dr.bias[rows])
         return c
 
-    def jets(self, x):
-        """``(E, dE, d2E)``, each (B, D): energies and their derivatives in their own x_d."""
-        return self.head.jets(self.context(x), x)
-
-    def energy(self, x):
-        """Energies E (B, D) (unnormalised: −log q(x_d|x_<d) up to a constant in x_d)."""
-        return self.jets(x)[0]
-
-    def score(self, x):
-        """Per-dimension conditional scores s_d = −∂E_d/∂x_d, shape (B, D)."""
-        return -self.jets(x)[1]
-
-    def loss(self, x, reduction="mean"):
-        """CSM loss Σ_d ½(E_d')² − E_d'' per sample; ``reduction`` "mean", "sum" or "none" (→ (B,))."""
-        return csm_loss(self.head, self.context(x), x, reduction)
-
-    def forward(self, x, reduction="mean"):
-        """Same as :meth:`loss` (so DistributedDataParallel can wrap the model)."""
-        return self.loss(x, reduction)
-
-    @torch.no_grad()
-    def sample(self, n, steps=100, step_size=1e-2, anneal=1.0, init=None, clip=None, denoise=0.0,
-               temperature=1.0, progress=True, generator=None, device=None):
-        """Per-dimension Langevin sampling (docs/ARCHITECTURE.md, "Sampling"). Returns x (n, D).
-
-        For each dimension in order its context is computed once for the whole batch, then
-        ``steps`` Langevin steps x ← x − (ε_t/2)·E'(c_d, x) + √ε_t·ξ run on the head alone, with
-        ε_t annealed geometrically from ``step_size·anneal`` down to ``step_size``. Chains start from
-        ``init``: "uniform" over ``clip`` (the default when ``clip`` is given), "normal", "zeros",
-        or a tensor (n, D). ``denoise=σ`` ends with the per-dimension Tweedie step
-        x ← x + σ²·s(x) (for models of data smoothed with N(0, σ²) noise): given y_≤d this is
-        exactly E[x_d | y_≤d] under the model. ``temperature`` < 1 samples every conditional at
-        q^(1/T) (sharper; 1 = the model). ``clip=(lo, hi)`` clamps the result to the data range.
-        """
-        p = self.head.proj.weight
-        device = p.device if device is None else device
-        x0 = sampling.initial_points(n, self.dim, init, clip, generator, p.dtype, device)
-        x = sampling.ar_langevin(lambda x, d: self.context_at(x, d), self.head, x0,
-                                 self.order.tolist(), steps, step_size, anneal, progress, generator,
-                                 temperature)
-        if denoise:
-            x = x + denoise ** 2 * self.score(x)
-        if clip is not None:
-            x = x.clamp(*clip)
-        return x
+    def _sweep(self, x, progress=False):
+        """Incremental contexts for sampling: the first layer's pre-activations are updated as
+        each x_d is set (O(H) per dimension) instead of recomputing the trunk from x."""
+        if not self.hidden:
+            yield from super()._sweep(x, progress)
+            return
+        first = self.hidden[0]
+        w1 = first.weight * first.mask  # (H1, D)
+        pre = F.linear(x, w1, first.bias)
+        for d in tqdm(self.order.tolist(), desc="sampling", unit="dim", disable=not progress,
+                      leave=False):
+            h = F.relu(pre)
+            for layer in self.hidden[1:]:
+                h = F.relu(layer(h))
+            old = x[:, d].clone()
+            yield d, self._context_of(d, h, x)
+            pre += (x[:, d] - old)[:, None] * w1[:, d]

@@ -46,9 +46,8 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from tqdm.auto import tqdm
 
-from .. import sampling
 from ..head import EnergyHead
-from ..loss import csm_loss
+from .base import ARCSM
 
 __all__ = ["PixelCNNppCSM", "PixelCNNppBackbone", "GatedResnet", "DownShiftedConv2d",
            "DownRightShiftedConv2d", "DownShiftedDeconv2d", "DownRightShiftedDeconv2d", "Nin",
@@ -228,7 +227,7 @@ class PixelCNNppBackbone(nn.Module):
         return ul
 
 
-class PixelCNNppCSM(nn.Module):
+class PixelCNNppCSM(ARCSM):
     """Autoregressive score-matching model of images with a PixelCNN++ context network.
 
     Args:
@@ -238,6 +237,8 @@ class PixelCNNppCSM(nn.Module):
         context_dim: K, context features per (pixel, channel).
         head_hidden, head_layers, activation, confine, backend: the :class:`EnergyHead`.
         dropout: dropout rate inside the gated resnet blocks (the paper uses 0.5 on CIFAR-10).
+        support, objective, mle_weight: see :class:`~csm_ext.models.ARCSM` (likelihood, grid
+            sampling, training objective).
 
     Inputs are images ``(B, C, H, W)``; flat ``(B, C·H·W)`` inputs (PyTorch's C-major flattening)
     are accepted too and the outputs are then flat as well, so the model plugs into code written
@@ -253,7 +254,8 @@ class PixelCNNppCSM(nn.Module):
     def __init__(self, channels: int, height: int, width: int, nr_resnet: int = 5,
                  nr_filters: int = 160, context_dim: int = 32, head_hidden: int = 64,
                  head_layers: int = 2, activation: str = "softplus", dropout: float = 0.0,
-                 confine: float = 0.01, backend: str = "fused"):
+                 confine: float = 0.01, backend: str = "fused", support=None,
+                 objective: str = "csm", mle_weight: float = 1.0):
         super().__init__()
         for name, v in (("channels", channels), ("height", height), ("width", width),
                         ("nr_resnet", nr_resnet), ("nr_filters", nr_filters),
@@ -285,6 +287,7 @@ class PixelCNNppCSM(nn.Module):
                            nr_filters=nr_filters, context_dim=K, head_hidden=head_hidden,
                            head_layers=head_layers, activation=activation, dropout=float(dropout),
                            confine=float(confine), backend=backend)
+        self._init_common(support, objective, mle_weight)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -301,25 +304,10 @@ class PixelCNNppCSM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    @classmethod
-    def from_config(cls, config: dict) -> "PixelCNNppCSM":
-        """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
-        return cls(**config)
-
     @property
     def shape(self) -> tuple[int, int, int]:
         """The image shape (C, H, W)."""
         return (self.channels, self.height, self.width)
-
-    @property
-    def backend(self) -> str:
-        """``"fused"`` or ``"autograd"``: how the head computes its jets (settable)."""
-        return self.head.backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.head.backend = value
-        self.config["backend"] = value
 
     # ---------------------------------------------------------------- shapes
 
@@ -332,6 +320,13 @@ class PixelCNNppCSM(nn.Module):
                              f"{self.width}) or (B, {self.dim}); got "
                              f"{tuple(getattr(x, 'shape', ()))}")
         return x, False
+
+    def _flatten(self, x: Tensor) -> Tensor:
+        img, _ = self._as_image(x)
+        return img.reshape(img.shape[0], self.dim)
+
+    def _unflatten(self, x: Tensor, like: str = "image") -> Tensor:
+        return x if like == "flat" else x.view(x.shape[0], *self.shape)
 
     # ---------------------------------------------------------------- contexts
 
@@ -379,85 +374,30 @@ class PixelCNNppCSM(nn.Module):
         i, j = divmod(rem, self.width)
         return self._pixel_channel_context(self._pixel_features(img, i, j), img[:, :, i, j], c)
 
-    # ---------------------------------------------------------------- energies and loss
-
-    def jets(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(E, dE, d2E)``, each with the shape of x: energies and their derivatives in their
-        own element."""
-        return self.head.jets(self.context(x), x)
-
-    def energy(self, x: Tensor) -> Tensor:
-        """Energies E with the shape of x (−log q(x_d | x_<d) up to a constant in x_d)."""
-        return self.jets(x)[0]
-
-    def score(self, x: Tensor) -> Tensor:
-        """Per-element conditional scores s_d = −∂E_d/∂x_d, with the shape of x."""
-        return -self.jets(x)[1]
-
-    def loss(self, x: Tensor, reduction: str = "mean") -> Tensor:
-        """CSM loss Σ_d ½(E_d')² − E_d'' per sample; ``reduction`` "mean", "sum" or "none"
-        (→ (B,))."""
-        return csm_loss(self.head, self.context(x), x, reduction)
-
-    def forward(self, x: Tensor, reduction: str = "mean") -> Tensor:
-        """Same as :meth:`loss` (so DistributedDataParallel can wrap the model)."""
-        return self.loss(x, reduction)
+    def _sweep(self, x: Tensor, progress: bool = False):
+        """Pixels in raster order; for each, the backbone runs once for the whole batch (on the
+        rows so far), then every channel's context is completed with the channels before it."""
+        img = x.view(x.shape[0], *self.shape)  # shares x's memory: writes to x show here
+        HW = self.height * self.width
+        pixels = [(i, j) for i in range(self.height) for j in range(self.width)]
+        for i, j in tqdm(pixels, desc="sampling", unit="px", disable=not progress, leave=False):
+            feats = self._pixel_features(img, i, j)
+            for c in range(self.channels):
+                yield c * HW + i * self.width + j, self._pixel_channel_context(
+                    feats, img[:, :, i, j], c)
 
     # ---------------------------------------------------------------- sampling
 
     @torch.no_grad()
-    def sample(self, n: int, steps: int = 100, step_size: float = 1e-2, anneal: float = 1.0,
-               init=None, clip=None, denoise: float = 0.0, temperature: float = 1.0,
-               progress: bool = True, generator: torch.Generator | None = None, device=None,
-               flat: bool = False) -> Tensor:
-        """Per-dimension Langevin sampling (docs/ARCHITECTURE.md, "Sampling"). Returns x (n, C, H, W) (``flat=True``:
-        (n, C·H·W)).
-
-        Pixels in raster order; for each pixel the backbone runs once for the whole batch (on
-        the rows so far), then for each channel in order its context is completed with the
-        values of the channels before it and ``steps`` Langevin steps
-        x ← x − (ε_t/2)·E'(c, x) + √ε_t·ξ run on the head alone, ε_t annealed geometrically from
-        ``step_size·anneal`` to ``step_size``. ``init``: "uniform" over ``clip`` (the default
-        when ``clip`` is given), "normal", "zeros" or a tensor (n, C, H, W) / (n, D).
-        ``denoise=σ`` ends with the per-dimension Tweedie step x ← x + σ²·s(x) (for models of
-        data smoothed with N(0, σ²) noise). ``temperature`` < 1 samples every conditional at
-        q^(1/T) (sharper; 1 = the model). ``clip=(lo, hi)`` clamps the result. Runs in eval mode
-        (no dropout) and restores the module's mode afterwards.
-        """
+    def sample(self, n: int, method: str | None = None, flat: bool = False, **kwargs) -> Tensor:
+        """Samples (n, C, H, W) (``flat=True``: (n, C·H·W)); every argument of
+        :meth:`ARCSM.sample` (``method``, ``nodes``, ``steps``, ``temperature``, ``denoise``,
+        ``clip``, ``init`` (n, C, H, W) or (n, D), ...). Runs in eval mode (no dropout) and
+        restores the module's mode afterwards."""
         was_training = self.training
         self.eval()
         try:
-            return self._sample(n, steps, step_size, anneal, init, clip, denoise, temperature,
-                                progress, generator, device, flat)
+            x = super().sample(n, method, **kwargs)
         finally:
             self.train(was_training)
-
-    def _sample(self, n, steps, step_size, anneal, init, clip, denoise, temperature, progress,
-                generator, device, flat):
-        p = self.head.proj.weight
-        device = p.device if device is None else device
-        if torch.is_tensor(init) and init.dim() == 4:
-            if not isinstance(n, int) or tuple(init.shape) != (n, *self.shape):
-                raise ValueError(f"init must have shape ({n}, {self.channels}, {self.height}, "
-                                 f"{self.width}) or ({n}, {self.dim}); got {tuple(init.shape)}")
-            init = init.reshape(n, self.dim)
-        x = sampling.initial_points(n, self.dim, init, clip, generator, p.dtype, device)
-        x = x.view(n, *self.shape).contiguous()
-        sampling.step_schedule(steps, step_size, anneal)  # validate before the long loop
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature}")
-        if n > 0:
-            pixels = [(i, j) for i in range(self.height) for j in range(self.width)]
-            for i, j in tqdm(pixels, desc="sampling", unit="px", disable=not progress,
-                             leave=False):
-                feats = self._pixel_features(x, i, j)
-                for c in range(self.channels):
-                    ctx = self._pixel_channel_context(feats, x[:, :, i, j], c)
-                    x[:, c, i, j] = sampling.langevin_1d(self.head, ctx, x[:, c, i, j], steps,
-                                                         step_size, anneal, generator,
-                                                         temperature)
-        if denoise:
-            x = x + denoise ** 2 * self.score(x)
-        if clip is not None:
-            x = x.clamp(*clip)
         return x.reshape(n, self.dim) if flat else x
