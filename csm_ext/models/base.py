@@ -169,6 +169,7 @@ class ARCSM(nn.Module):
 
     def _check_in_support(self, x: Tensor) -> None:
         lo, hi = self._require_support()
+        x = x.detach()
         if x.numel() and not (float(x.min()) >= lo and float(x.max()) <= hi):
             raise ValueError(f"x has values in [{float(x.min()):.4g}, {float(x.max()):.4g}], "
                              f"outside the model's support [{lo:g}, {hi:g}]: its density is "
