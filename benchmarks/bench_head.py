@@ -23,8 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +34,7 @@ import torch
 import csm_ext
 from csm_ext import ops, reference
 from csm_ext.bench.memory import reset_peak_rss, status_bytes
+from csm_ext.bench.timing import machine_info, sync, time_it
 
 METHODS = ("fused", "autograd", "eager", "func", "compile-autograd", "compile-eager")
 # Presets are lists of (N, H, L); --sizes/--hidden/--layers instead give their full product.
@@ -87,31 +86,6 @@ def step(method, args, alpha, act, backward):
     loss = loss_of(method, params, alpha, act)
     grads = torch.autograd.grad(loss, [p for i, p in enumerate(params) if i != 1])
     return loss.detach(), grads
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_it(fn, device, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[2] - q[0]
 
 
 def head_flops(N, H, L, backward):
@@ -266,22 +240,6 @@ def table(rows):
             f"{'-' if r.frac_matmul_peak is None else f'{100 * r.frac_matmul_peak:.0f}%'} | "
             f"{r.note} |")
     return "\n".join(lines)
-
-
-def machine_info(device):
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "csm_ext": csm_ext.build_info()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        try:
-            model = [l for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
-            info["cpu"] = model.split(":", 1)[1].strip()
-        except (OSError, IndexError):
-            info["cpu"] = platform.processor()
-        info["cores"] = os.cpu_count()
-    return info
 
 
 def parse_ints(text):

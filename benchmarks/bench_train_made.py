@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import torch
 
 from csm_ext.bench.memory import reset_peak_rss, status_bytes
+from csm_ext.bench.timing import sync, time_it
 from csm_ext.models import MADECSM
 
 
@@ -29,11 +29,6 @@ def make(args, backend):
     m = MADECSM(args.dim, hidden_sizes=args.hidden, context_dim=args.context_dim,
                 head_hidden=args.head_hidden, head_layers=args.head_layers, backend=backend)
     return m.to(args.device)
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def step_fn(args, backend):
@@ -53,17 +48,7 @@ def step_fn(args, backend):
 
 def time_steps(args, backend):
     _, step = step_fn(args, backend)
-    for _ in range(args.warmup):
-        step()
-    sync(args.device)
-    ts = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        step()
-        sync(args.device)
-        ts.append(time.perf_counter() - t)
-    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return statistics.median(ts), q[2] - q[0]
+    return time_it(step, args.device, args.repeats, args.warmup)
 
 
 

@@ -491,6 +491,29 @@ def cmd_sample(a):
           f"seed {st['seed']}, {shown})")
 
 
+def _sampler_text(kw, step):
+    if kw.get("method", "grid") == "grid":
+        from .models import DEFAULT_NODES
+
+        return (f"exact inverse-CDF sampling of each conditional on a grid of "
+                f"{kw.get('nodes') or DEFAULT_NODES} nodes over the support")
+    return (f"per-dimension Langevin, {kw['steps']} steps per pixel, step size {step:g} "
+            f"annealed from {step * kw['anneal']:g}")
+
+
+def _likelihood_line(summary, source):
+    lk = summary.get("test_likelihood")
+    if not lk:
+        return "- held-out likelihood: not computed (the model has no support)"
+    lo, hi = source.support
+    return (f"- held-out likelihood: {lk['bits_per_dim']:.4f} bits/dim "
+            f"({lk['nll_per_dim']:.4f} nats/dim) of the smoothed data in model space "
+            f"(conditionals normalised on [{lo:g}, {hi:g}] by Simpson's rule with "
+            f"{lk['quadrature_nodes']} nodes; worst |log Z_G − log Z_2G−1| of any element "
+            f"{lk['quadrature_max_abs']:.1e} nats, of any image's log-likelihood "
+            f"{lk['quadrature_max_per_sample']:.1e} nats)")
+
+
 def _write_demo_report(path, a, summary, cfg, source):
     from .train import default_step_size
 
@@ -512,8 +535,8 @@ def _write_demo_report(path, a, summary, cfg, source):
         + (" (stopped early by the time limit)" if summary.get("stopped_early") else ""),
         f"- final train loss {summary['final_train_loss']:.2f}, test loss {summary['test_loss']:.2f} "
         "(CSM loss per image, model space; lower is better, unbounded below)",
-        f"- sampling: per-dimension Langevin, {kw['steps']} steps per pixel, step size "
-        f"{step:g} annealed from {step * kw['anneal']:g}, {denoise}; conditionals sampled at "
+        _likelihood_line(summary, source),
+        f"- sampling: {_sampler_text(kw, step)}, {denoise}; conditionals sampled at "
         f"temperature {kw['temperature']}; {cfg.n_samples} images in "
         f"{summary.get('sample_time', float('nan')):.0f} s (seed {cfg.seed}; `csm-ext sample "
         f"--ckpt {os.path.join(cfg.out_dir, 'last.pt')}` redraws them)",

@@ -211,12 +211,30 @@ def load_images(name, root=None, train=True):
     raise ValueError(f"unknown image data {name!r}; choose mnist5k, digits, mnist, fashion-mnist, cifar10")
 
 
+# Smoothing noise is a standard normal truncated at this many standard deviations.
+NOISE_TRUNCATION = 4.0
+
+
+def truncated_normal(shape, bound, generator=None):
+    """Standard normal samples conditioned on |e| <= bound (redrawn until inside: exact, and
+    deterministic for a generator)."""
+    e = torch.randn(shape, generator=generator)
+    out = (e.abs() > bound).nonzero(as_tuple=True)
+    while out[0].numel():
+        e[out] = torch.randn(out[0].numel(), generator=generator)
+        out = tuple(i[e[out].abs() > bound] for i in out)
+    return e
+
+
 class Preprocess:
     """Integer pixels → model space (see the module docstring) and back.
 
     Args:
         levels: number of grey levels of the integer data (256 for 8-bit images).
-        sigma: std of the Gaussian smoothing noise added in model space (0 = none).
+        sigma: std of the Gaussian smoothing noise added in model space (0 = none), truncated
+            at ±:data:`NOISE_TRUNCATION`·sigma so that the smoothed data lie in ``data_range``
+            widened by that much: the support every likelihood is computed on (the truncation
+            removes 6e-5 of the noise's mass).
         logit: None for the affine map to ``range``, or λ ∈ (0, ½) for y = logit(λ + (1−2λ)u).
         range: ``(lo, hi)`` of the affine map (ignored with ``logit``).
         dequantize: add U[0, 1) before dividing by ``levels`` (else the bin centre).
@@ -256,8 +274,16 @@ class Preprocess:
         """Integer pixels → model space, shape kept. ``noise=False`` skips the smoothing noise."""
         y = self.from_unit(self.to_unit(v, generator))
         if noise and self.sigma > 0:
-            y = y + self.sigma * torch.randn(y.shape, generator=generator)
+            y = y + self.sigma * truncated_normal(y.shape, NOISE_TRUNCATION, generator)
         return y
+
+    @property
+    def support(self):
+        """Interval of the smoothed data: ``data_range`` widened by the truncation of the noise
+        (the model's support)."""
+        lo, hi = self.data_range
+        pad = NOISE_TRUNCATION * self.sigma
+        return (lo - pad, hi + pad)
 
     def from_unit(self, u):
         if self.logit is None:

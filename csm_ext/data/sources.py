@@ -47,9 +47,8 @@ class ImageSource:
         self.test = self.pre(test.images, generator=torch.Generator().manual_seed(seed + 1)).flatten(1)
         self.clip = self.pre.data_range
         self.sigma = self.pre.sigma
-        # The conditionals' interval: the data range widened by 4 sigma of the smoothing noise.
-        lo, hi = self.clip
-        self.support = (lo - 4 * self.sigma, hi + 4 * self.sigma)
+        # The conditionals' interval: the data range widened by the (truncated) smoothing noise.
+        self.support = self.pre.support
         self._config = dict(kind="image", name=name, root=root, sigma=sigma, logit=logit,
                             range=list(range), test_fraction=test_fraction, seed=seed, limit=limit)
 
@@ -68,7 +67,7 @@ class ImageSource:
         t = (f"logit(λ + (1−2λ)u), λ={self.pre.logit}" if self.pre.logit is not None
              else f"affine to [{self.pre.lo:g}, {self.pre.hi:g}]")
         return (f"{self._config['name']} {self.shape}, uniform dequantisation, {t}, "
-                f"Gaussian smoothing noise σ={self.sigma:g} (model space)")
+                f"Gaussian smoothing noise σ={self.sigma:g} truncated at ±4σ (model space)")
 
 
 class ToySource:
