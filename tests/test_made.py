@@ -173,7 +173,8 @@ def test_gaussian_consistency(one_thread):
 
 
 def test_eight_gaussians_langevin_mode_proportions(one_thread):
-    """Langevin samples from MADE-CSM trained on 8 gaussians hit all 8 modes in equal shares."""
+    """Langevin and grid samples from MADE-CSM trained on 8 gaussians hit all 8 modes in equal
+    shares."""
     toy = get_toy("8gaussians")
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
@@ -188,3 +189,9 @@ def test_eight_gaussians_langevin_mode_proportions(one_thread):
           f"within 3 std of a center {float(near.double().mean()):.3f}")
     assert (frac - 0.125).abs().max() < 0.035
     assert near.double().mean() > 0.95
+    # the exact grid sampler on the same model: the same equal shares, no chain to mix
+    m.support = toy.range
+    x = m.sample(4000, method="grid", generator=g, progress=False)
+    frac = torch.bincount(toy.nearest_mode(x), minlength=8).double() / len(x)
+    print(f"8gaussians (grid sampler): mode fractions {[round(f, 3) for f in frac.tolist()]}")
+    assert (frac - 0.125).abs().max() < 0.035
