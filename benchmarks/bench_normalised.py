@@ -12,6 +12,7 @@ Sections (each verifies before it times):
   grid sampler is first checked against the model's own conditional on one dimension.
 * ``objectives``: one training step (forward + backward + Adam) per objective: CSM, MLE by
   quadrature (G nodes per element), hybrid; MADE-CSM MNIST size and PixelCNN++ small.
+* ``rings``: KL(truth‖model) on the rings toy for CSM, MLE and hybrid at the same steps.
 * ``quadrature`` (with ``--ckpt``): the G vs 2G−1 disagreement of log Z on held-out data of a
   trained model, for several G, and the bits/dim it gives.
 """
@@ -120,6 +121,40 @@ def bench_objectives(args):
     return out
 
 
+def bench_rings(args):
+    """KL(truth‖model) on the rings toy per objective, same model and steps, the best of two
+    learning rates each (fresh truth samples; exact model log-density by quadrature)."""
+    from csm_ext.data import ToySource
+
+    src = ToySource("rings")
+    toy = src.toy
+    x_eval = toy.sample(args.n_eval_toy, generator=torch.Generator().manual_seed(2))
+    rows = []
+    for objective in ("csm", "mle", "hybrid"):
+        for lr in (3e-3, 1e-2):
+            torch.manual_seed(0)
+            m = MADECSM(2, hidden_sizes=(64, 64), context_dim=8, head_hidden=32, head_layers=2,
+                        support=src.support, objective=objective)
+            opt = torch.optim.Adam(m.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.toy_steps)
+            g = torch.Generator().manual_seed(1)
+            t0 = time.perf_counter()
+            for _ in range(args.toy_steps):
+                loss = m(toy.sample(256, generator=g))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            dt = time.perf_counter() - t0
+            with torch.no_grad():
+                kl = float((toy.log_prob(x_eval.double()) - m.log_prob(x_eval).double()).mean())
+            rows.append(dict(objective=objective, lr=lr, steps=args.toy_steps, kl=kl,
+                             train_seconds=dt))
+            print(f"  rings {objective:6s} lr {lr:g}: KL {kl:.4f} nats ({dt:.0f} s)",
+                  file=sys.stderr)
+    return rows
+
+
 def bench_quadrature(args):
     from csm_ext.data.sources import make_source
     from csm_ext.train import load_checkpoint
@@ -147,7 +182,9 @@ def bench_quadrature(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="sampling,objectives,quadrature")
+    p.add_argument("--sections", default="sampling,objectives,rings,quadrature")
+    p.add_argument("--toy-steps", type=int, default=1500, help="training steps per rings run")
+    p.add_argument("--n-eval-toy", type=int, default=10000, help="truth samples for the KL")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     p.add_argument("--ckpt", default=None, help="trained checkpoint for the quadrature section")
     p.add_argument("--n", type=int, default=64, help="images sampled")
@@ -159,6 +196,7 @@ def main(argv=None):
     args.dim, args.hidden, args.batch, args.pcnn_batch = 784, 512, 64, 16
     if args.quick:
         args.dim, args.hidden, args.batch, args.n, args.steps, args.repeats = 16, 32, 8, 4, 5, 1
+        args.toy_steps, args.n_eval_toy = 5, 200
     sections = [s for s in args.sections.split(",") if s]
     res = dict(machine=machine_info("cpu"), args=vars(args))
     if "sampling" in sections:
@@ -170,6 +208,9 @@ def main(argv=None):
     if "objectives" in sections:
         print("# objectives (one training step)", file=sys.stderr)
         res["objectives"] = bench_objectives(args)
+    if "rings" in sections:
+        print("# rings: KL(truth||model) per objective", file=sys.stderr)
+        res["rings"] = bench_rings(args)
     if "quadrature" in sections and args.ckpt:
         print("# quadrature accuracy", file=sys.stderr)
         res["quadrature"] = bench_quadrature(args)

@@ -69,3 +69,16 @@ def test_cli_bench_scaling(tmp_path):
                  "--methods", "dsm,csm-fused", "--in-process", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["dsm", "csm-fused"]
+
+
+def test_bench_normalised_smoke(tmp_path):
+    import bench_normalised
+
+    out = tmp_path / "normalised.json"
+    res = bench_normalised.main(["--quick", "--sections", "sampling,objectives,rings",
+                                 "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert len(saved["sampling"]["rows"]) == 3 and all(r["seconds"] > 0
+                                                       for r in res["sampling"]["rows"])
+    assert {r["objective"] for r in saved["objectives"]} == {"csm", "mle", "hybrid"}
+    assert len(saved["rings"]) == 6 and all(r["kl"] == r["kl"] for r in saved["rings"])
