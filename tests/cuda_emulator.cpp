@@ -9,6 +9,8 @@
 // this file with the system C++ compiler (no torch, no CUDA) and compares it with the CPU
 // kernels. What it cannot see: real concurrency inside a stage, beyond what changing the thread
 // order exposes, and anything specific to the GPU (occupancy, launch limits, device math).
+// The quadrature kernels' block algorithm (csrc/cuda/head_logz_block.h) runs the same way
+// (emu_quad_*; tests/test_cuda_emulation_logz.py).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "cuda/head_jets_block.h"
+#include "cuda/head_logz_block.h"
 
 using namespace csm_ext;
 using namespace csm_ext::cuda_block;
@@ -185,6 +188,112 @@ int backward_typed(int act, int path, int tile, int acc_local, int64_t N, int64_
   return ok ? 0 : -1;
 }
 
+// ---- the quadrature kernels (head_logz_block.h) ----------------------------------------------
+
+template <Activation A, class Cfg, typename S>
+void run_quad_forward(const Cfg& cfg, const quad::QuadPtrs<S>& p, bool staged, bool logz, S* out,
+                      int64_t nblocks, int order) {
+  const quad::Layout lay = quad::make_layout(cfg.HP(), cfg.R(), cfg.RS(), p.L, VecWidth<S>::value,
+                                             false, staged, false);
+  Guarded<S> mem(nullptr, lay.total);
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    mem.poison();
+    const quad::BlockMem<S> m = quad::carve(mem.data, lay, p, static_cast<S*>(nullptr));
+    HostExec ex{order};
+    quad::forward_block<A>(ex, cfg, p, m, logz, out, blk, nblocks);
+  }
+}
+
+template <Activation A, class Cfg, typename S>
+void run_quad_backward(const Cfg& cfg, const quad::QuadPtrs<S>& p, bool staged, bool acc_local,
+                       const S* gE, const S* glogz, const S* logz, S* gz, S* gu, S* gW, S* gb,
+                       S* gw, int64_t nblocks, int order) {
+  const quad::Layout lay = quad::make_layout(cfg.HP(), cfg.R(), cfg.RS(), p.L, VecWidth<S>::value,
+                                             true, staged, acc_local);
+  const Record rec = make_record(cfg.HP(), p.L);
+  Guarded<S> mem(nullptr, lay.total);
+  Guarded<S> partial(nullptr, nblocks * rec.size);
+  partial.poison();
+  const quad::QuadGrads<S> g{gE, glogz, logz, gz, partial.data};
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    mem.poison();
+    const quad::BlockMem<S> m = quad::carve(mem.data, lay, p, partial.data + blk * rec.size);
+    HostExec ex{order};
+    quad::backward_block<A>(ex, cfg, p, m, g, blk, nblocks);
+  }
+  const int64_t count = reduce_record_count(p.H, p.L);
+  for (int64_t i = 0; i < count; ++i)
+    reduce_record_entry(i, partial.data, nblocks, p.H, cfg.HP(), p.L, gu, gW, gb, gw);
+}
+
+// path 1: register-tiled (H <= 128), path 2: generic with `rows` rows per chunk.
+template <typename S, class F>
+bool with_quad_cfg(int path, int64_t H, int rows, F&& f) {
+  if (path == 1) {
+    if (H <= 32) {
+      f(quad::FastCfg<S, 32, quad::fast_rows<S>(32)>{});
+    } else if (H <= 64) {
+      f(quad::FastCfg<S, 64, quad::fast_rows<S>(64)>{});
+    } else if (H <= 128) {
+      f(quad::FastCfg<S, 128, quad::fast_rows<S>(128)>{});
+    } else {
+      return false;
+    }
+    return true;
+  }
+  if (path == 2 && rows >= 1) {
+    f(quad::GenericCfg<S>{static_cast<int>(H), rows});
+    return true;
+  }
+  return false;
+}
+
+template <typename S>
+int quad_forward_typed(int act, int path, int rows, int logz, int64_t N, int64_t H, int64_t L,
+                       int64_t G, const void* z, const void* u, const void* W, const void* b,
+                       const void* w, double alpha, const void* t, const void* lw, void* out,
+                       int64_t nblocks, int order) {
+  const Guarded<S> z_(z, N * H), u_(u, H), W_(W, (L - 1) * H * H), b_(b, (L - 1) * H), w_(w, H),
+      t_(t, G), lw_(lw, logz ? G : 0);
+  const int64_t n_out = logz ? N : N * G;
+  Guarded<S> o(out, n_out, out);
+  const quad::QuadPtrs<S> p{z_.data, u_.data, W_.data, b_.data, w_.data, t_.data,
+                            logz ? lw_.data : nullptr, static_cast<S>(alpha), N,
+                            static_cast<int>(H), static_cast<int>(L), static_cast<int>(G)};
+  bool ok = false;
+  with_activation(act, [&](auto A) {
+    ok = with_quad_cfg<S>(path, H, rows, [&](auto cfg) {
+      run_quad_forward<decltype(A)::value>(cfg, p, path == 1, logz != 0, o.data, nblocks, order);
+    });
+  });
+  return ok ? 0 : -1;
+}
+
+template <typename S>
+int quad_backward_typed(int act, int path, int rows, int acc_local, int logz, int64_t N, int64_t H,
+                        int64_t L, int64_t G, const void* grad, const void* logz_in, const void* z,
+                        const void* u, const void* W, const void* b, const void* w, double alpha,
+                        const void* t, const void* lw, void* gz, void* gu, void* gW, void* gb,
+                        void* gw, int64_t nblocks, int order) {
+  const Guarded<S> z_(z, N * H), u_(u, H), W_(W, (L - 1) * H * H), b_(b, (L - 1) * H), w_(w, H),
+      t_(t, G), lw_(lw, logz ? G : 0), grad_(grad, logz ? N : N * G), lz_(logz_in, logz ? N : 0);
+  Guarded<S> oz(gz, N * H, gz), ou(gu, H, gu), oW(gW, (L - 1) * H * H, gW),
+      ob(gb, (L - 1) * H, gb), ow(gw, H, gw);
+  const quad::QuadPtrs<S> p{z_.data, u_.data, W_.data, b_.data, w_.data, t_.data,
+                            logz ? lw_.data : nullptr, static_cast<S>(alpha), N,
+                            static_cast<int>(H), static_cast<int>(L), static_cast<int>(G)};
+  bool ok = false;
+  with_activation(act, [&](auto A) {
+    ok = with_quad_cfg<S>(path, H, rows, [&](auto cfg) {
+      run_quad_backward<decltype(A)::value>(
+          cfg, p, path == 1, path == 1 && acc_local != 0, logz ? nullptr : grad_.data,
+          logz ? grad_.data : nullptr, logz ? lz_.data : nullptr, oz.data, ou.data, oW.data,
+          ob.data, ow.data, nblocks, order);
+    });
+  });
+  return ok ? 0 : -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -217,6 +326,39 @@ int emu_head_jets_backward(int dtype, int act, int path, int tile, int acc_local
                                  b, w, alpha, gz, gx, gu, gW, gb, gw, nblocks, order);
   return backward_typed<double>(act, path, tile, acc_local, N, H, L, gE, gdE, gd2E, z, x, u, W, b,
                                 w, alpha, gz, gx, gu, gW, gb, gw, nblocks, order);
+}
+
+// Rows per chunk of the quadrature kernels' tiled path for (dtype 0 = float32, 1 = float64), H.
+int emu_quad_tiled_rows(int dtype, int64_t H) {
+  const int hp = H <= 32 ? 32 : H <= 64 ? 64 : 128;
+  return dtype == 0 ? quad::fast_rows<float>(hp) : quad::fast_rows<double>(hp);
+}
+
+// logz = 1: log Z (N,) into out, else the node energies (N, G).
+int emu_quad_forward(int dtype, int act, int path, int rows, int logz, int64_t N, int64_t H,
+                     int64_t L, int64_t G, const void* z, const void* u, const void* W,
+                     const void* b, const void* w, double alpha, const void* t, const void* lw,
+                     void* out, int64_t nblocks, int order) {
+  if (dtype == 0)
+    return quad_forward_typed<float>(act, path, rows, logz, N, H, L, G, z, u, W, b, w, alpha, t,
+                                     lw, out, nblocks, order);
+  return quad_forward_typed<double>(act, path, rows, logz, N, H, L, G, z, u, W, b, w, alpha, t,
+                                    lw, out, nblocks, order);
+}
+
+// logz = 1: grad is grad_logz (N,) and logz_in the forward's log Z; else grad is grad_E (N, G).
+int emu_quad_backward(int dtype, int act, int path, int rows, int acc_local, int logz, int64_t N,
+                      int64_t H, int64_t L, int64_t G, const void* grad, const void* logz_in,
+                      const void* z, const void* u, const void* W, const void* b, const void* w,
+                      double alpha, const void* t, const void* lw, void* gz, void* gu, void* gW,
+                      void* gb, void* gw, int64_t nblocks, int order) {
+  if (dtype == 0)
+    return quad_backward_typed<float>(act, path, rows, acc_local, logz, N, H, L, G, grad, logz_in,
+                                      z, u, W, b, w, alpha, t, lw, gz, gu, gW, gb, gw, nblocks,
+                                      order);
+  return quad_backward_typed<double>(act, path, rows, acc_local, logz, N, H, L, G, grad, logz_in,
+                                     z, u, W, b, w, alpha, t, lw, gz, gu, gW, gb, gw, nblocks,
+                                     order);
 }
 
 }  // extern "C"

@@ -82,3 +82,14 @@ def test_bench_normalised_smoke(tmp_path):
                                                        for r in res["sampling"]["rows"])
     assert {r["objective"] for r in saved["objectives"]} == {"csm", "mle", "hybrid"}
     assert len(saved["rings"]) == 6 and all(r["kl"] == r["kl"] for r in saved["rings"])
+
+
+def test_bench_logz_smoke(tmp_path):
+    import bench_logz
+
+    out = tmp_path / "logz.json"
+    bench_logz.main(["--n", "50", "--nodes", "5,9", "--hidden", "8", "--repeats", "2",
+                     "--memory", "none", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"fused", "reference"}
+    assert len(rows) == 4
