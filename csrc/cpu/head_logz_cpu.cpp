@@ -209,11 +209,18 @@ void backward_groups(const QuadParams<scalar_t>& p, const Layout& lay, int64_t b
   scalar_t* Gh = Gbuf + T * H;
   scalar_t* gE = Gh + T * H;
   const scalar_t* __restrict w = p.w;
-  scalar_t* __restrict gw_acc = acc.w.data();
-  scalar_t* __restrict gu_acc = acc.u.data();
+  // Vector gradients are summed per chunk first, then added to the partition's totals: a
+  // partition holds millions of rows, and one running float32 sum over all of them would lose
+  // about three digits (the weight matrices' products already sum per chunk).
+  std::vector<scalar_t> chunk_u(H), chunk_w(H), chunk_b((L - 1) * H);
+  scalar_t* __restrict gw_acc = chunk_w.data();
+  scalar_t* __restrict gu_acc = chunk_u.data();
   for (int64_t grp = begin; grp < end; ++grp) {
     lay.for_each_chunk(grp, p.N, p.G, [&](const Chunk& c) {
       const int64_t rows = c.rows(), block = rows * H;
+      std::fill(chunk_u.begin(), chunk_u.end(), scalar_t(0));
+      std::fill(chunk_w.begin(), chunk_w.end(), scalar_t(0));
+      std::fill(chunk_b.begin(), chunk_b.end(), scalar_t(0));
       // The forward's `pre` scratch is only needed between a product and its activation:
       // Gbuf serves as it here.
       chunk_forward<kAct, true>(p, c, Gbuf, post, deriv, gE);
@@ -245,7 +252,7 @@ void backward_groups(const QuadParams<scalar_t>& p, const Layout& lay, int64_t b
 #pragma omp simd
         for (int64_t i = 0; i < block; ++i) ga[i] = gh[i] * D[i];
         if (l > 0) {
-          scalar_t* __restrict gb = acc.b.data() + (l - 1) * H;
+          scalar_t* __restrict gb = chunk_b.data() + (l - 1) * H;
           for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
             for (int64_t k = 0; k < H; ++k) gb[k] += ga[r * H + k];
@@ -270,6 +277,11 @@ void backward_groups(const QuadParams<scalar_t>& p, const Layout& lay, int64_t b
           }
         }
       }
+      for (int64_t k = 0; k < H; ++k) {
+        acc.u[k] += chunk_u[k];
+        acc.w[k] += chunk_w[k];
+      }
+      for (int64_t i = 0; i < (L - 1) * H; ++i) acc.b[i] += chunk_b[i];
     });
   }
 }
