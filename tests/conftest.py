@@ -33,6 +33,21 @@ def changed(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> torch.Tensor
     return (a - b).abs() > tol * scale
 
 
+def fit(model, sample_batch, steps, lr, seed=0):
+    """Train ``model`` on its own loss: Adam, cosine schedule over ``steps``, fresh batches from
+    ``sample_batch()``; returns the model."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        loss = model.loss(sample_batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import changed
+from conftest import changed, fit
 from csm_ext.data import CorrelatedGaussian, get_toy
 from csm_ext.models import MADECSM
 from csm_ext.sampling import initial_points, step_schedule
@@ -19,19 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def _fit(model, sample_batch, steps, lr, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        loss = model.loss(sample_batch())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model
 
 
 @pytest.mark.parametrize("order", [None, "random", [3, 0, 6, 1, 5, 2, 4]])
@@ -159,7 +146,7 @@ def test_gaussian_consistency(one_thread):
     def batch():
         return x_train[torch.randint(0, len(x_train), (256,), generator=g)]
 
-    _fit(m, batch, steps=1200, lr=3e-3)
+    fit(m, batch, steps=1200, lr=3e-3)
     with torch.no_grad():
         test_loss = float(m.loss(x_test))
         s = m.score(x_test).double()
@@ -179,7 +166,7 @@ def test_eight_gaussians_langevin_mode_proportions(one_thread):
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     m = MADECSM(2, hidden_sizes=(64, 64), context_dim=8, head_hidden=32, head_layers=3)
-    _fit(m, lambda: toy.sample(256, generator=g), steps=3000, lr=3e-3)
+    fit(m, lambda: toy.sample(256, generator=g), steps=3000, lr=3e-3)
     x = m.sample(4000, steps=500, step_size=0.01, anneal=10, clip=toy.range, generator=g,
                  progress=False)
     k = toy.nearest_mode(x)

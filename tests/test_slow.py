@@ -8,24 +8,12 @@ import time
 
 import pytest
 import torch
+from conftest import fit
 
 from csm_ext.data import CorrelatedGaussian
 from csm_ext.models import MADECSM, PixelCNNppCSM
 
 pytestmark = pytest.mark.slow
-
-
-def _fit(model, sample_batch, steps, lr, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        loss = model.loss(sample_batch())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model
 
 
 def _check_gaussian_fit(model, gs, x_test, min_corr, rel_loss, to_model=lambda x: x):
@@ -50,7 +38,7 @@ def test_made_gaussian_consistency_16d():
     torch.manual_seed(0)
     m = MADECSM(16, hidden_sizes=(128, 128), context_dim=8, head_hidden=32, head_layers=2,
                 confine=0.0)
-    _fit(m, lambda: x_train[torch.randint(0, len(x_train), (256,), generator=g)],
+    fit(m, lambda: x_train[torch.randint(0, len(x_train), (256,), generator=g)],
          steps=3000, lr=3e-3)
     _check_gaussian_fit(m, gs, x_test, min_corr=0.96, rel_loss=0.05)
     print(f"{time.time() - t0:.0f} s")
@@ -67,7 +55,7 @@ def test_pixelcnnpp_gaussian_consistency():
     m = PixelCNNppCSM(1, 4, 4, nr_resnet=1, nr_filters=32, context_dim=16, head_hidden=32,
                       head_layers=2, confine=0.0)
     image = lambda x: x.view(-1, 1, 4, 4)  # noqa: E731
-    _fit(m, lambda: image(x_train[torch.randint(0, len(x_train), (128,), generator=g)]),
+    fit(m, lambda: image(x_train[torch.randint(0, len(x_train), (128,), generator=g)]),
          steps=1500, lr=2e-3)
     m.eval()
     _check_gaussian_fit(m, gs, x_test, min_corr=0.9, rel_loss=0.1, to_model=image)
