@@ -34,7 +34,7 @@ import torch
 import csm_ext
 from csm_ext import ops, reference
 from csm_ext.bench.memory import reset_peak_rss, status_bytes
-from csm_ext.bench.timing import machine_info, sync, time_it
+from csm_ext.bench.timing import fmt_bytes, fmt_time, machine_info, sync, time_it
 
 METHODS = ("fused", "autograd", "eager", "func", "compile-autograd", "compile-eager")
 # Presets are lists of (N, H, L); --sizes/--hidden/--layers instead give their full product.
@@ -215,14 +215,6 @@ def run_config(N, H, L, methods, device, dtype, act, repeats, budget_s, memory, 
             if a and b:
                 row.speedup[key] = a / b
     return rows
-
-
-def fmt_time(s):
-    return "-" if s is None else (f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.1f} s")
-
-
-def fmt_bytes(b):
-    return "-" if b is None else f"{b / 2 ** 20:.1f} MiB"
 
 
 def table(rows):

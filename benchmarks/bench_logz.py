@@ -27,11 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_head import machine_info, sync, time_it  # noqa: E402  (the shared timing helpers)
-
-from csm_ext import ops, quadrature, reference  # noqa: E402
-from csm_ext.bench.memory import reset_peak_rss, status_bytes  # noqa: E402
+from csm_ext import ops, quadrature, reference
+from csm_ext.bench.memory import reset_peak_rss, status_bytes
+from csm_ext.bench.timing import fmt_bytes, fmt_time, machine_info, sync, time_it
 
 METHODS = ("fused", "reference")
 SUPPORT = (-4.0, 4.0)
@@ -191,14 +189,6 @@ def run_config(N, H, L, G, methods, device, dtype, act, repeats, budget_s, memor
             if a and b:
                 row.speedup[key] = a / b
     return rows
-
-
-def fmt_time(s):
-    return "-" if s is None else (f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.1f} s")
-
-
-def fmt_bytes(b):
-    return "-" if b is None else f"{b / 2 ** 20:.1f} MiB"
 
 
 def table(rows):

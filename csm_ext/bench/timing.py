@@ -58,3 +58,13 @@ def machine_info(device) -> dict:
             info["cpu"] = platform.processor()
         info["cores"] = os.cpu_count()
     return info
+
+
+def fmt_time(s: float | None) -> str:
+    """Seconds for a table cell: ms below 10 s, "-" for None."""
+    return "-" if s is None else (f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.1f} s")
+
+
+def fmt_bytes(b: int | None) -> str:
+    """Bytes for a table cell, in MiB; "-" for None."""
+    return "-" if b is None else f"{b / 2 ** 20:.1f} MiB"
