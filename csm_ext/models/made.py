@@ -62,7 +62,94 @@ def _resolve_order(order, dim, generator):
     return order
 
 
-class MADECSM(ARCSM):
+class MADENet:
+    """The MADE context network, shared by every model built on it (a mixin for ``nn.Module``).
+
+    :meth:`_build_made` registers the masked layers and the order on the module; the model then
+    gets ``P`` outputs per dimension, ``out[:, d]`` depending on ``x_<d`` only (in the order):
+    :class:`MADECSM` uses them as the head's context (P = K), the maximum-likelihood baselines
+    as the parameters of a normalised conditional. The registered names (``order``,
+    ``degrees``, ``hidden.*``, ``out``, ``direct``) are the state-dict keys of the checkpoints.
+    """
+
+    def _build_made(self, dim, hidden_sizes, per_dim, order, direct, seed):
+        """Register the masks and layers; returns ``(order, hidden_sizes)`` as resolved."""
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int; got {dim!r}")
+        hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        if any(h < 1 for h in hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive; got {hidden_sizes}")
+        order = _resolve_order(order, dim, torch.Generator().manual_seed(seed))
+        # The hidden degrees get a generator of their own, so they do not depend on whether the
+        # order was drawn here ("random") or given as the list that ``config`` stores: a model
+        # rebuilt from its config has the same masks (checkpoints do not store them).
+        g = torch.Generator().manual_seed(seed)
+        self._made_dim, self._per_dim = dim, per_dim
+        self.register_buffer("order", order)
+        deg_in = torch.empty(dim, dtype=torch.long)
+        deg_in[order] = torch.arange(1, dim + 1)
+        self.register_buffer("degrees", deg_in)  # degree (1-based position) of each dimension
+
+        layers, prev = [], deg_in
+        for h in hidden_sizes:
+            lo = min(int(prev.min()), dim - 1)
+            deg = torch.randint(lo, dim, (h,), generator=g) if dim > 1 else torch.zeros(h, dtype=torch.long)
+            layers.append(MaskedLinear(len(prev), h, (deg[:, None] >= prev[None, :])))
+            prev = deg
+        self.hidden = nn.ModuleList(layers)
+        deg_out = deg_in.repeat_interleave(per_dim)  # output unit (d, k) -> index d*P + k
+        self.out = MaskedLinear(len(prev), dim * per_dim, deg_out[:, None] > prev[None, :])
+        self.direct = (MaskedLinear(dim, dim * per_dim, deg_out[:, None] > deg_in[None, :])
+                       if direct else None)
+        return order, hidden_sizes
+
+    def _trunk(self, x):
+        h = x
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return h
+
+    def _made_outputs(self, x):
+        """All outputs (B, D, P) of the flat input x (B, D)."""
+        c = self.out(self._trunk(x))
+        if self.direct is not None:
+            c = c + self.direct(x)
+        return c.view(x.shape[0], self._made_dim, self._per_dim)
+
+    def _outputs_of(self, d, h, x):
+        """Dimension d's outputs (B, P) from the trunk's last hidden layer h and x."""
+        rows = slice(d * self._per_dim, (d + 1) * self._per_dim)
+        o = self.out
+        c = F.linear(h, o.weight[rows] * o.mask[rows], o.bias[rows])
+        if self.direct is not None:
+            dr = self.direct
+            c = c + F.linear(x, dr.weight[rows] * dr.mask[rows], dr.bias[rows])
+        return c
+
+    def _made_sweep(self, x, progress=False):
+        """For ancestral sampling: yield ``(d, out_d)`` (B, P) for each dimension d in the
+        order; the caller sets ``x[:, d]`` before the next step. The first layer's
+        pre-activations are updated as each x_d is set (O(H) per dimension) instead of
+        recomputing the trunk from x."""
+        order = self.order.tolist()
+        bar = tqdm(order, desc="sampling", unit="dim", disable=not progress, leave=False)
+        if not self.hidden:
+            for d in bar:
+                yield d, self._outputs_of(d, x, x)
+            return
+        first = self.hidden[0]
+        w1 = first.weight * first.mask  # (H1, D)
+        pre = F.linear(x, w1, first.bias)
+        for d in bar:
+            h = F.relu(pre)
+            for layer in self.hidden[1:]:
+                h = F.relu(layer(h))
+            old = x[:, d].clone()
+            yield d, self._outputs_of(d, h, x)
+            pre += (x[:, d] - old)[:, None] * w1[:, d]
+
+
+class MADECSM(MADENet, ARCSM):
     """Autoregressive score-matching model with a MADE context network.
 
     Args:
@@ -90,35 +177,10 @@ class MADECSM(ARCSM):
                  activation="softplus", order=None, confine=0.01, backend="fused", direct=False,
                  seed=0, support=None, objective="csm", mle_weight=1.0):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int; got {dim!r}")
-        hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        if any(h < 1 for h in hidden_sizes):
-            raise ValueError(f"hidden_sizes must be positive; got {hidden_sizes}")
         if not isinstance(context_dim, int) or context_dim < 1:
             raise ValueError(f"context_dim must be a positive int; got {context_dim!r}")
         self.dim, self.context_dim = dim, context_dim
-        order = _resolve_order(order, dim, torch.Generator().manual_seed(seed))
-        # The hidden degrees get a generator of their own, so they do not depend on whether the
-        # order was drawn here ("random") or given as the list that ``config`` stores: a model
-        # rebuilt from its config has the same masks (checkpoints do not store them).
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("order", order)
-        deg_in = torch.empty(dim, dtype=torch.long)
-        deg_in[order] = torch.arange(1, dim + 1)
-        self.register_buffer("degrees", deg_in)  # degree (1-based position) of each dimension
-
-        layers, prev = [], deg_in
-        for h in hidden_sizes:
-            lo = min(int(prev.min()), dim - 1)
-            deg = torch.randint(lo, dim, (h,), generator=g) if dim > 1 else torch.zeros(h, dtype=torch.long)
-            layers.append(MaskedLinear(len(prev), h, (deg[:, None] >= prev[None, :])))
-            prev = deg
-        self.hidden = nn.ModuleList(layers)
-        deg_out = deg_in.repeat_interleave(context_dim)  # output unit (d, k) -> index d*K + k
-        self.out = MaskedLinear(len(prev), dim * context_dim, deg_out[:, None] > prev[None, :])
-        self.direct = (MaskedLinear(dim, dim * context_dim, deg_out[:, None] > deg_in[None, :])
-                       if direct else None)
+        order, hidden_sizes = self._build_made(dim, hidden_sizes, context_dim, order, direct, seed)
         self.head = EnergyHead(context_dim, hidden=head_hidden, layers=head_layers,
                                activation=activation, confine=confine, backend=backend)
         self.config = dict(dim=dim, hidden_sizes=list(hidden_sizes), context_dim=context_dim,
@@ -127,19 +189,9 @@ class MADECSM(ARCSM):
                            direct=bool(direct), seed=seed)
         self._init_common(support, objective, mle_weight)
 
-    def _trunk(self, x):
-        h = x
-        for layer in self.hidden:
-            h = F.relu(layer(h))
-        return h
-
     def context(self, x):
         """Contexts (B, D, K); ``c[:, d]`` depends on ``x[:, j]`` only for j before d in the order."""
-        x = self._flatten(x)
-        c = self.out(self._trunk(x))
-        if self.direct is not None:
-            c = c + self.direct(x)
-        return c.view(x.shape[0], self.dim, self.context_dim)
+        return self._made_outputs(self._flatten(x))
 
     def context_at(self, x, d):
         """The context (B, K) of dimension ``d`` alone (computes only its K output units)."""
@@ -147,28 +199,8 @@ class MADECSM(ARCSM):
 
     def _context_of(self, d, h, x):
         """Dimension d's context (B, K) from the trunk's last hidden layer h and x."""
-        rows = slice(d * self.context_dim, (d + 1) * self.context_dim)
-        o = self.out
-        c = F.linear(h, o.weight[rows] * o.mask[rows], o.bias[rows])
-        if self.direct is not None:
-            dr = self.direct
-            c = c + F.linear(x, dr.weight[rows] * dr.mask[rows], dr.bias[rows])
-        return c
+        return self._outputs_of(d, h, x)
 
     def _sweep(self, x, progress=False):
-        """Incremental contexts for sampling: the first layer's pre-activations are updated as
-        each x_d is set (O(H) per dimension) instead of recomputing the trunk from x."""
-        if not self.hidden:
-            yield from super()._sweep(x, progress)
-            return
-        first = self.hidden[0]
-        w1 = first.weight * first.mask  # (H1, D)
-        pre = F.linear(x, w1, first.bias)
-        for d in tqdm(self.order.tolist(), desc="sampling", unit="dim", disable=not progress,
-                      leave=False):
-            h = F.relu(pre)
-            for layer in self.hidden[1:]:
-                h = F.relu(layer(h))
-            old = x[:, d].clone()
-            yield d, self._context_of(d, h, x)
-            pre += (x[:, d] - old)[:, None] * w1[:, d]
+        """Incremental contexts for sampling (see :meth:`MADENet._made_sweep`)."""
+        return self._made_sweep(x, progress)
