@@ -20,6 +20,11 @@ an ``order`` buffer (flat indices in generation order), a ``config`` dict (its c
 arguments, so :meth:`ARCSM.from_config` rebuilds it), ``context(x)`` and ``context_at(x, d)``;
 optionally ``_flatten``/``_unflatten`` for non-flat inputs and ``_sweep`` for an incremental
 context during sampling.
+
+Conditional models ``q(x | cond)`` (``config["cond_dim"] > 0``, e.g. ``MADECSM(cond_dim=...)``)
+take ``cond`` (B, cond_dim) in ``context``, ``context_at`` and ``_sweep``; every method here then
+takes ``cond=`` and passes it on. A conditional model refuses a missing ``cond`` and an
+unconditional one an extra ``cond``, with an error that says so.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import quadrature, sampling
 from ..loss import REDUCTIONS, csm_loss_from_jets
+from .common import ARModel
 
 __all__ = ["ARCSM", "OBJECTIVES", "SAMPLERS", "DEFAULT_NODES"]
 
@@ -42,8 +48,10 @@ SAMPLERS = ("grid", "langevin")
 DEFAULT_NODES = 257
 
 
-class ARCSM(nn.Module):
+class ARCSM(ARModel):
     """Base class of autoregressive score-matching models (see the module docstring).
+    The support, ``from_config``, the shape hooks and ``bits_per_dim`` come from
+    :class:`~csm_ext.models.common.ARModel`, which the maximum-likelihood baselines share.
 
     Config keys every subclass stores (constructor arguments of the same names):
     ``support`` (``(lo, hi)`` or None), ``objective`` (``"csm"``, ``"mle"``, ``"hybrid"``),
@@ -64,11 +72,6 @@ class ARCSM(nn.Module):
             raise ValueError(f"mle_weight must be a number >= 0; got {mle_weight!r}")
         self.config["objective"], self.config["mle_weight"] = objective, float(mle_weight)
 
-    @classmethod
-    def from_config(cls, config: dict) -> "ARCSM":
-        """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
-        return cls(**config)
-
     # ---------------------------------------------------------------- settings
 
     @property
@@ -83,26 +86,6 @@ class ARCSM(nn.Module):
         self.config["backend"] = value
 
     @property
-    def support(self) -> tuple[float, float] | None:
-        """``(lo, hi)``: the interval every conditional is defined on (None: not set). The
-        likelihood is that of a proper density on this box; data outside it is an error.
-        Settable; stored in the config (and so in checkpoints)."""
-        s = self.config.get("support")
-        return None if s is None else (float(s[0]), float(s[1]))
-
-    @support.setter
-    def support(self, value) -> None:
-        if value is not None:
-            try:
-                lo, hi = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ValueError(f"support must be (lo, hi) or None; got {value!r}") from None
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"support must be (lo, hi) with finite lo < hi; got {value!r}")
-            value = [lo, hi]
-        self.config["support"] = value
-
-    @property
     def objective(self) -> str:
         """The training objective of :meth:`loss` and ``forward`` (settable)."""
         return self.config["objective"]
@@ -113,18 +96,37 @@ class ARCSM(nn.Module):
             raise ValueError(f"objective must be one of {OBJECTIVES}; got {value!r}")
         self.config["objective"] = value
 
+    @property
+    def cond_dim(self) -> int:
+        """Width of the conditioning input (0: an unconditional model)."""
+        return int(self.config.get("cond_dim", 0) or 0)
+
+    def _check_cond_batch(self, x: Tensor, cond) -> None:
+        """cond must be given exactly for a conditional model, with x's batch size."""
+        k = self.cond_dim
+        if cond is None:
+            if k:
+                raise ValueError(f"{type(self).__name__} is conditional (cond_dim={k}): pass "
+                                 f"cond=, a tensor of shape (B, {k})")
+            return
+        if not k:
+            raise ValueError(f"cond was given but {type(self).__name__} is unconditional "
+                             "(cond_dim=0)")
+        if not torch.is_tensor(cond) or cond.dim() != 2 or cond.shape[1] != k:
+            raise ValueError(f"cond must have shape (B, {k}); got "
+                             f"{tuple(getattr(cond, 'shape', ()))}")
+        if cond.shape[0] != x.shape[0]:
+            raise ValueError(f"cond has batch size {cond.shape[0]} but x has {x.shape[0]}")
+        if cond.dtype != self.head.u.dtype:
+            raise ValueError(f"cond has dtype {cond.dtype} but the model's parameters are "
+                             f"{self.head.u.dtype}")
+
+    def _ctx(self, x: Tensor, cond=None) -> Tensor:
+        """``context(x)``, or ``context(x, cond=cond)`` for a conditional model (checked)."""
+        self._check_cond_batch(x, cond)
+        return self.context(x) if cond is None else self.context(x, cond=cond)
+
     # ---------------------------------------------------------------- shapes (hooks)
-
-    def _flatten(self, x: Tensor) -> Tensor:
-        """x in the model's input shape → (B, D) (checks the shape)."""
-        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (B, {self.dim}); got "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        return x
-
-    def _unflatten(self, x: Tensor, like: str = "flat") -> Tensor:
-        """(n, D) → the model's native sample shape (``like="flat"``: unchanged)."""
-        return x
 
     def _sweep(self, x: Tensor, progress: bool = False) -> Iterator[tuple[int, Tensor]]:
         """For sampling: yield ``(d, c_d)`` for every flat dimension d in the order, where x
@@ -136,19 +138,19 @@ class ARCSM(nn.Module):
 
     # ---------------------------------------------------------------- energies
 
-    def jets(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def jets(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(E, dE, d2E)``, each with the shape of x: energies and their derivatives in their
-        own element."""
-        return self.head.jets(self.context(x), x)
+        own element (``cond`` (B, cond_dim): a conditional model's conditioning input)."""
+        return self.head.jets(self._ctx(x, cond), x)
 
-    def energy(self, x: Tensor) -> Tensor:
+    def energy(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Energies E with the shape of x (−log q(x_d | x_<d) up to a constant in x_d)."""
-        return self.jets(x)[0]
+        return self.jets(x, cond)[0]
 
-    def score(self, x: Tensor) -> Tensor:
+    def score(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Per-element conditional scores ``s_d = −∂E_d/∂x_d`` with the shape of x (the score
         of the marginal q(x_≤d) in x_d; :meth:`joint_score` is ∇_x log q(x))."""
-        return -self.jets(x)[1]
+        return -self.jets(x, cond)[1]
 
     # ---------------------------------------------------------------- normalisation
 
@@ -160,53 +162,35 @@ class ARCSM(nn.Module):
         return quadrature.rule(support, DEFAULT_NODES if nodes is None else nodes, "simpson",
                                dtype or p.dtype, device or p.device)
 
-    def _require_support(self) -> tuple[float, float]:
-        if self.support is None:
-            raise ValueError(f"{type(self).__name__} has no support: set model.support = "
-                             "(lo, hi), the interval its conditionals live on (images: the data "
-                             "range widened by 4 sigma of the smoothing noise)")
-        return self.support
-
-    def _check_in_support(self, x: Tensor) -> None:
-        lo, hi = self._require_support()
-        x = x.detach()
-        if x.numel() and not (float(x.min()) >= lo and float(x.max()) <= hi):
-            raise ValueError(f"x has values in [{float(x.min()):.4g}, {float(x.max()):.4g}], "
-                             f"outside the model's support [{lo:g}, {hi:g}]: its density is "
-                             "zero there (widen model.support, or clamp the data yourself)")
-
-    def log_normalisers(self, x: Tensor, nodes: int | None = None, ctx: Tensor | None = None
-                        ) -> Tensor:
+    def log_normalisers(self, x: Tensor, nodes: int | None = None, ctx: Tensor | None = None,
+                        cond: Tensor | None = None) -> Tensor:
         """``log Z_d`` for every element, with the shape of x: ``log ∫_I exp(−E_d(t)) dt`` by
         Simpson's rule with ``nodes`` nodes (fused op for ``backend="fused"``)."""
         t, lw = self.quadrature_rule(nodes, x.dtype, x.device)
-        return self.head.logz(self.context(x) if ctx is None else ctx, t, lw)
+        return self.head.logz(self._ctx(x, cond) if ctx is None else ctx, t, lw)
 
-    def log_prob(self, x: Tensor, nodes: int | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, nodes: int | None = None, cond: Tensor | None = None
+                 ) -> Tensor:
         """Normalised log-density (nats) of each sample, (B,):
         ``Σ_d [−E_d(x_d) − log Z_d]``, a proper density on the support box (data outside it
         raise). Differentiable in x (see :meth:`joint_score`) and in the parameters.
-        ``nodes``: quadrature size (odd; default :data:`DEFAULT_NODES`)."""
+        ``nodes``: quadrature size (odd; default :data:`DEFAULT_NODES`); ``cond``: the
+        conditioning input (B, cond_dim) of a conditional model (then ``log q(x | cond)``)."""
         self._check_in_support(x)
-        ctx = self.context(x)
+        ctx = self._ctx(x, cond)
         E = self.head(ctx, x)
         logz = self.log_normalisers(x, nodes, ctx)
         return -(E + logz).reshape(x.shape[0], -1).sum(1)
 
-    def bits_per_dim(self, x: Tensor, nodes: int | None = None) -> Tensor:
-        """``−log_prob(x) / (D·ln 2)`` per sample, (B,). This is the density of the data in the
-        model's space (for images: smoothed with the training noise, after the affine or logit
-        map); compare numbers only in the same space."""
-        return -self.log_prob(x, nodes) / (self.dim * math.log(2.0))
-
     @torch.no_grad()
-    def quadrature_error(self, x: Tensor, nodes: int | None = None) -> dict:
+    def quadrature_error(self, x: Tensor, nodes: int | None = None,
+                         cond: Tensor | None = None) -> dict:
         """How accurate :meth:`log_prob` is on x: ``log Z`` of every element with G nodes
         against 2G−1 nodes (the nested Simpson grid). Returns ``nodes``, ``max_abs`` (worst
         element, nats), ``mean_abs`` and ``max_per_sample`` (worst |Δ log_prob| over the
         batch, nats)."""
         G = DEFAULT_NODES if nodes is None else nodes
-        ctx = self.context(x)
+        ctx = self._ctx(x, cond)
         a = self.log_normalisers(x, G, ctx).double()
         b = self.log_normalisers(x, 2 * G - 1, ctx).double()
         diff = (a - b).abs()
@@ -216,21 +200,23 @@ class ARCSM(nn.Module):
                     max_per_sample=float(per_sample.max()) if per_sample.numel() else 0.0)
 
     def joint_score(self, x: Tensor, nodes: int | None = None,
-                    create_graph: bool = False) -> Tensor:
+                    create_graph: bool = False, cond: Tensor | None = None) -> Tensor:
         """``∇_x log q(x)`` with the shape of x: the exact joint score of the normalised model
-        (one backward pass through :meth:`log_prob`; x_j enters E_j and every later context)."""
+        (one backward pass through :meth:`log_prob`; x_j enters E_j and every later context).
+        For a conditional model, ``∇_x log q(x | cond)`` (no gradient to ``cond``)."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True) if not create_graph else x
             if not xg.requires_grad:
                 xg = xg.requires_grad_(True)
-            (g,) = torch.autograd.grad(self.log_prob(xg, nodes).sum(), xg,
+            (g,) = torch.autograd.grad(self.log_prob(xg, nodes, cond).sum(), xg,
                                        create_graph=create_graph)
         return g
 
     # ---------------------------------------------------------------- objectives
 
     def loss(self, x: Tensor, reduction: str = "mean", objective: str | None = None,
-             mle_weight: float | None = None, nodes: int | None = None) -> Tensor:
+             mle_weight: float | None = None, nodes: int | None = None,
+             cond: Tensor | None = None) -> Tensor:
         """Training loss per sample, reduced by ``reduction`` (``"mean"``, ``"sum"``,
         ``"none"`` → (B,)). ``objective`` (default: the model's, ``"csm"`` unless set):
 
@@ -238,6 +224,8 @@ class ARCSM(nn.Module):
         * ``"mle"`` — the negative log-likelihood ``−log_prob(x)`` (exact MLE of the same
           unnormalised model, up to the quadrature; costs G head evaluations per element);
         * ``"hybrid"`` — CSM + ``mle_weight``·NLL.
+
+        ``cond`` (B, cond_dim): a conditional model's conditioning input.
         """
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
@@ -245,7 +233,7 @@ class ARCSM(nn.Module):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
         lam = self.config["mle_weight"] if mle_weight is None else float(mle_weight)
-        ctx = self.context(x)
+        ctx = self._ctx(x, cond)
         if objective == "mle":
             per = self._nll(ctx, x, nodes)
         else:
@@ -273,7 +261,8 @@ class ARCSM(nn.Module):
     def sample(self, n: int, method: str | None = None, nodes: int | None = None, steps: int = 100,
                step_size: float = 1e-2, anneal: float = 1.0, init=None, clip=None,
                denoise: float = 0.0, temperature: float = 1.0, progress: bool = True,
-               generator: torch.Generator | None = None, device=None) -> Tensor:
+               generator: torch.Generator | None = None, device=None,
+               cond: Tensor | None = None) -> Tensor:
         """Draw n samples, dimensions in the autoregressive order, the context of each computed
         once for the whole batch. Returns (n, D) (subclasses: their native shape).
 
@@ -290,6 +279,7 @@ class ARCSM(nn.Module):
         ``temperature`` T samples every conditional at ``q^(1/T)`` (T < 1: sharper).
         ``denoise=σ`` ends with the per-dimension Tweedie step ``x ← x + σ²·s(x)`` (models of
         data smoothed with N(0, σ²) noise); ``clip=(lo, hi)`` clamps the result.
+        ``cond`` (n, cond_dim): a conditional model's conditioning input, one row per sample.
         """
         if method is None:
             method = "grid" if self.support is not None else "langevin"
@@ -310,8 +300,11 @@ class ARCSM(nn.Module):
                 init = init.reshape(init.shape[0], -1)
             x = sampling.initial_points(n, self.dim, init, clip, generator, p.dtype, device)
         x = x.contiguous()
+        self._check_cond_batch(x, cond)
         if n > 0:
-            for d, ctx in self._sweep(x, progress):
+            sweep = self._sweep(x, progress) if cond is None else self._sweep(x, progress,
+                                                                              cond=cond)
+            for d, ctx in sweep:
                 if method == "grid":
                     E = self.head.node_energies(ctx, t)
                     x[:, d] = quadrature.sample_grid(E / temperature, t, generator)
@@ -321,7 +314,7 @@ class ARCSM(nn.Module):
                                                        step_size, anneal, generator,
                                                        temperature)
         if denoise:
-            x = x + denoise ** 2 * self._flatten(self.score(self._unflatten(x)))
+            x = x + denoise ** 2 * self._flatten(self.score(self._unflatten(x), cond))
         if clip is not None:
             x = x.clamp(*clip)
         return self._unflatten(x)

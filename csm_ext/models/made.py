@@ -70,9 +70,15 @@ class MADENet:
     :class:`MADECSM` uses them as the head's context (P = K), the maximum-likelihood baselines
     as the parameters of a normalised conditional. The registered names (``order``,
     ``degrees``, ``hidden.*``, ``out``, ``direct``) are the state-dict keys of the checkpoints.
+
+    Optional conditioning (``cond_dim > 0``): an input ``cond`` (B, cond_dim) that every output
+    may see, through an unmasked ``nn.Linear(cond_dim, H1)`` added to the first hidden layer's
+    pre-activation (to the outputs when there are no hidden layers), registered as ``cond_in``.
+    Off by default (``cond_dim=0``: no ``cond_in``, the state-dict keys above only); the methods
+    below take ``cond=None`` then.
     """
 
-    def _build_made(self, dim, hidden_sizes, per_dim, order, direct, seed):
+    def _build_made(self, dim, hidden_sizes, per_dim, order, direct, seed, cond_dim=0):
         """Register the masks and layers; returns ``(order, hidden_sizes)`` as resolved."""
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int; got {dim!r}")
@@ -101,45 +107,80 @@ class MADENet:
         self.out = MaskedLinear(len(prev), dim * per_dim, deg_out[:, None] > prev[None, :])
         self.direct = (MaskedLinear(dim, dim * per_dim, deg_out[:, None] > deg_in[None, :])
                        if direct else None)
+        if not isinstance(cond_dim, int) or isinstance(cond_dim, bool) or cond_dim < 0:
+            raise ValueError(f"cond_dim must be an int >= 0; got {cond_dim!r}")
+        self._cond_dim = cond_dim
+        if cond_dim:  # unmasked: cond is visible to every output
+            self.cond_in = nn.Linear(cond_dim, hidden_sizes[0] if hidden_sizes else dim * per_dim)
+        else:
+            self.cond_in = None
         return order, hidden_sizes
 
-    def _trunk(self, x):
+    def _cond_term(self, cond):
+        """The conditioning input's contribution (B, H1) (or (B, D·P) without hidden layers),
+        or None for an unconditional net; checks that cond is given exactly when expected."""
+        k = getattr(self, "_cond_dim", 0)
+        if cond is None:
+            if k:
+                raise ValueError(f"this model is conditional (cond_dim={k}): pass cond, a "
+                                 f"tensor of shape (B, {k})")
+            return None
+        if not k:
+            raise ValueError("cond was given but this model is unconditional (cond_dim=0)")
+        if not torch.is_tensor(cond) or cond.dim() != 2 or cond.shape[1] != k:
+            raise ValueError(f"cond must have shape (B, {k}); got "
+                             f"{tuple(getattr(cond, 'shape', ()))}")
+        return self.cond_in(cond)
+
+    def _trunk(self, x, cond=None):
+        c = self._cond_term(cond)
         h = x
-        for layer in self.hidden:
-            h = F.relu(layer(h))
+        for i, layer in enumerate(self.hidden):
+            a = layer(h)
+            h = F.relu(a if (i or c is None) else a + c)
         return h
 
-    def _made_outputs(self, x):
-        """All outputs (B, D, P) of the flat input x (B, D)."""
-        c = self.out(self._trunk(x))
+    def _made_outputs(self, x, cond=None):
+        """All outputs (B, D, P) of the flat input x (B, D) (and cond (B, cond_dim) for a
+        conditional net)."""
+        c = self.out(self._trunk(x, cond))
         if self.direct is not None:
             c = c + self.direct(x)
+        if cond is not None and not self.hidden:
+            c = c + self.cond_in(cond)
         return c.view(x.shape[0], self._made_dim, self._per_dim)
 
-    def _outputs_of(self, d, h, x):
-        """Dimension d's outputs (B, P) from the trunk's last hidden layer h and x."""
+    def _outputs_of(self, d, h, x, cond=None):
+        """Dimension d's outputs (B, P) from the trunk's last hidden layer h and x (and, with
+        no hidden layers, cond)."""
         rows = slice(d * self._per_dim, (d + 1) * self._per_dim)
         o = self.out
         c = F.linear(h, o.weight[rows] * o.mask[rows], o.bias[rows])
         if self.direct is not None:
             dr = self.direct
             c = c + F.linear(x, dr.weight[rows] * dr.mask[rows], dr.bias[rows])
+        if cond is not None and not self.hidden:
+            ci = self.cond_in
+            c = c + F.linear(cond, ci.weight[rows], ci.bias[rows])
         return c
 
-    def _made_sweep(self, x, progress=False):
+    def _made_sweep(self, x, progress=False, cond=None):
         """For ancestral sampling: yield ``(d, out_d)`` (B, P) for each dimension d in the
         order; the caller sets ``x[:, d]`` before the next step. The first layer's
         pre-activations are updated as each x_d is set (O(H) per dimension) instead of
         recomputing the trunk from x."""
         order = self.order.tolist()
         bar = tqdm(order, desc="sampling", unit="dim", disable=not progress, leave=False)
+        c = self._cond_term(cond)  # checks cond
         if not self.hidden:
             for d in bar:
-                yield d, self._outputs_of(d, x, x)
+                yield d, self._outputs_of(d, x, x, cond)
             return
         first = self.hidden[0]
         w1 = first.weight * first.mask  # (H1, D)
         pre = F.linear(x, w1, first.bias)
+        if c is not None:
+            pre = pre + c
         for d in bar:
             h = F.relu(pre)
             for layer in self.hidden[1:]:
@@ -165,6 +206,9 @@ class MADECSM(MADENet, ARCSM):
             the grid sampler; settable later as ``model.support``).
         objective, mle_weight: the training objective of ``loss``/``forward`` (see
             :meth:`ARCSM.loss`).
+        cond_dim: width of an optional conditioning input (0: none). A conditional model
+            ``q(x | cond)`` sees ``cond`` (B, cond_dim) unmasked in its first hidden layer; every
+            method that computes contexts then takes ``cond=`` (and refuses a missing one).
 
     Everything beyond the context network (likelihood, joint score, objectives, samplers) is
     :class:`~csm_ext.models.ARCSM`'s.
@@ -175,32 +219,40 @@ class MADECSM(MADENet, ARCSM):
 
     def __init__(self, dim, hidden_sizes=(512,), context_dim=16, head_hidden=64, head_layers=2,
                  activation="softplus", order=None, confine=0.01, backend="fused", direct=False,
-                 seed=0, support=None, objective="csm", mle_weight=1.0):
+                 seed=0, support=None, objective="csm", mle_weight=1.0, cond_dim=0):
         super().__init__()
         if not isinstance(context_dim, int) or context_dim < 1:
             raise ValueError(f"context_dim must be a positive int; got {context_dim!r}")
         self.dim, self.context_dim = dim, context_dim
-        order, hidden_sizes = self._build_made(dim, hidden_sizes, context_dim, order, direct, seed)
+        order, hidden_sizes = self._build_made(dim, hidden_sizes, context_dim, order, direct, seed,
+                                               cond_dim)
         self.head = EnergyHead(context_dim, hidden=head_hidden, layers=head_layers,
                                activation=activation, confine=confine, backend=backend)
         self.config = dict(dim=dim, hidden_sizes=list(hidden_sizes), context_dim=context_dim,
                            head_hidden=head_hidden, head_layers=head_layers, activation=activation,
                            order=order.tolist(), confine=float(confine), backend=backend,
                            direct=bool(direct), seed=seed)
+        if cond_dim:  # unconditional configs keep their keys (as in older checkpoints)
+            self.config["cond_dim"] = cond_dim
         self._init_common(support, objective, mle_weight)
 
-    def context(self, x):
-        """Contexts (B, D, K); ``c[:, d]`` depends on ``x[:, j]`` only for j before d in the order."""
-        return self._made_outputs(self._flatten(x))
+    def context(self, x, cond=None):
+        """Contexts (B, D, K); ``c[:, d]`` depends on ``x[:, j]`` only for j before d in the
+        order (and on ``cond`` (B, cond_dim), all of it, for a conditional model)."""
+        x = self._flatten(x)
+        self._check_cond_batch(x, cond)
+        return self._made_outputs(x, cond)
 
-    def context_at(self, x, d):
+    def context_at(self, x, d, cond=None):
         """The context (B, K) of dimension ``d`` alone (computes only its K output units)."""
-        return self._context_of(d, self._trunk(x), x)
+        self._check_cond_batch(x, cond)
+        return self._context_of(d, self._trunk(x, cond), x, cond)
 
-    def _context_of(self, d, h, x):
+    def _context_of(self, d, h, x, cond=None):
         """Dimension d's context (B, K) from the trunk's last hidden layer h and x."""
-        return self._outputs_of(d, h, x)
+        return self._outputs_of(d, h, x, cond)
 
-    def _sweep(self, x, progress=False):
+    def _sweep(self, x, progress=False, cond=None):
         """Incremental contexts for sampling (see :meth:`MADENet._made_sweep`)."""
-        return self._made_sweep(x, progress)
+        self._check_cond_batch(x, cond)
+        return self._made_sweep(x, progress, cond)
