@@ -795,6 +795,17 @@ def build_parser():
     b.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="arguments of the benchmark (see `csm-ext bench scaling --help`)")
     b.set_defaults(fn=cmd_bench)
+
+    from .bench.vae import build_parser as vae_parser
+
+    v = sub.add_parser("vae", parents=[vae_parser(add_help=False)],
+                       help="VAEs with an implicit encoder on binarised MNIST: test NLL of "
+                            "ELBO-Gaussian, SSM-implicit and CSM-implicit",
+                       description="Train the three VAEs at each latent dimension, print the "
+                                   "NLL table (importance sampling, K samples per test image) "
+                                   "and write JSON and figures; the same as "
+                                   "benchmarks/bench_vae.py.", **fmt)
+    v.set_defaults(fn=cmd_vae)
     return p
 
 
@@ -802,6 +813,12 @@ def cmd_bench(a):
     from .bench import scaling
 
     {"scaling": scaling.main}[a.name](a.bench_args)
+
+
+def cmd_vae(a):
+    from .bench import vae
+
+    vae.run(a)
 
 
 def main(argv=None):

@@ -73,7 +73,9 @@ class MADENet:
 
     Optional conditioning (``cond_dim > 0``): an input ``cond`` (B, cond_dim) that every output
     may see, through an unmasked ``nn.Linear(cond_dim, H1)`` added to the first hidden layer's
-    pre-activation (to the outputs when there are no hidden layers), registered as ``cond_in``.
+    pre-activation (to the outputs when there are no hidden layers), registered as ``cond_in``;
+    its hidden degrees start at 0 (units that see cond alone), so that every output, the first
+    dimension's too, depends on cond.
     Off by default (``cond_dim=0``: no ``cond_in``, the state-dict keys above only); the methods
     below take ``cond=None`` then.
     """
@@ -96,9 +98,13 @@ class MADENet:
         deg_in[order] = torch.arange(1, dim + 1)
         self.register_buffer("degrees", deg_in)  # degree (1-based position) of each dimension
 
+        if not isinstance(cond_dim, int) or isinstance(cond_dim, bool) or cond_dim < 0:
+            raise ValueError(f"cond_dim must be an int >= 0; got {cond_dim!r}")
         layers, prev = [], deg_in
         for h in hidden_sizes:
-            lo = min(int(prev.min()), dim - 1)
+            # A conditional net also gets hidden units of degree 0: they see cond only, and so
+            # give the first dimension in the order a context that depends on cond.
+            lo = 0 if cond_dim else min(int(prev.min()), dim - 1)
             deg = torch.randint(lo, dim, (h,), generator=g) if dim > 1 else torch.zeros(h, dtype=torch.long)
             layers.append(MaskedLinear(len(prev), h, (deg[:, None] >= prev[None, :])))
             prev = deg
@@ -107,8 +113,6 @@ class MADENet:
         self.out = MaskedLinear(len(prev), dim * per_dim, deg_out[:, None] > prev[None, :])
         self.direct = (MaskedLinear(dim, dim * per_dim, deg_out[:, None] > deg_in[None, :])
                        if direct else None)
-        if not isinstance(cond_dim, int) or isinstance(cond_dim, bool) or cond_dim < 0:
-            raise ValueError(f"cond_dim must be an int >= 0; got {cond_dim!r}")
         self._cond_dim = cond_dim
         if cond_dim:  # unmasked: cond is visible to every output
             self.cond_in = nn.Linear(cond_dim, hidden_sizes[0] if hidden_sizes else dim * per_dim)
