@@ -116,8 +116,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_model_args(p, d):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="made", choices=["made", "pixelcnnpp"],
-                   help="context network: MADE (any data) or PixelCNN++ (images)")
+    g.add_argument("--model", default="made",
+                   choices=["made", "pixelcnnpp", "made-mog", "pixelcnnpp-logistic"],
+                   help="context network: MADE (any data) or PixelCNN++ (images) with the energy "
+                        "head; made-mog / pixelcnnpp-logistic: the same networks with mixture "
+                        "conditionals (Gaussians / logistics) trained by maximum likelihood")
+    g.add_argument("--components", type=int, default=None,
+                   help="made-mog, pixelcnnpp-logistic: mixture components per dimension "
+                        "(1: MADE-Gaussian; default: 10)")
     g.add_argument("--objective", default=None,
                    choices=["csm", "mle", "hybrid"],
                    help="training objective: composite score matching, maximum likelihood by "
@@ -309,6 +315,11 @@ def _build_model(a, source):
     from .models import MADECSM, PixelCNNppCSM
 
     backend = a.backend or "fused"
+    if a.model in ("made-mog", "pixelcnnpp-logistic"):
+        return _build_mixture(a, source)
+    if a.components is not None:
+        raise UsageError(f"--components is a setting of made-mog and pixelcnnpp-logistic; "
+                         f"--model {a.model} has an energy head (--context-dim, --head-hidden)")
     if a.model == "pixelcnnpp":
         if source.kind != "image":
             raise UsageError(f"--model pixelcnnpp needs image data; got --data {a.data}")
@@ -325,6 +336,27 @@ def _build_model(a, source):
                    order=order, confine=a.confine, backend=backend, direct=a.direct, seed=a.seed,
                    support=source.support, objective=a.objective or "csm",
                    mle_weight=1.0 if a.mle_weight is None else a.mle_weight)
+
+
+def _build_mixture(a, source):
+    """The maximum-likelihood baselines: the same context networks, mixture conditionals."""
+    from .models import MADEMixture, PixelCNNppMixture
+
+    if a.objective not in (None, "mle") or a.mle_weight is not None:
+        raise UsageError(f"--model {a.model} is trained by maximum likelihood only; drop "
+                         f"--objective/--mle-weight (or pass --objective mle)")
+    k = 10 if a.components is None else a.components
+    if k < 1:
+        raise UsageError(f"--components must be >= 1; got {k}")
+    if a.model == "pixelcnnpp-logistic":
+        if source.kind != "image":
+            raise UsageError(f"--model pixelcnnpp-logistic needs image data; got --data {a.data}")
+        C, H, W = source.shape
+        return PixelCNNppMixture(C, H, W, nr_resnet=a.nr_resnet, nr_filters=a.nr_filters,
+                                 components=k, dropout=a.dropout, support=source.support)
+    order = None if a.order == "natural" else a.order
+    return MADEMixture(source.dim, hidden_sizes=a.hidden, components=k, order=order,
+                       direct=a.direct, seed=a.seed, support=source.support)
 
 
 def _run_files(out):
@@ -420,6 +452,9 @@ def _run_training(a, defaults=PLAIN, own_out=None):
             f"--data {a.data}", spec_cfg)
         torch.manual_seed(a.seed)  # the initial weights draw from the global RNG
         model = _build_model(a, source)
+    if not hasattr(model, "head") and (a.backend or a.mle_weight is not None):
+        raise UsageError("--backend and --mle-weight are settings of the energy models; "
+                         f"{type(model).__name__} has closed-form conditionals")
     if a.backend:
         model.backend = a.backend
     if a.objective is not None:  # a resumed run keeps its checkpoint's unless given
@@ -790,10 +825,11 @@ def build_parser():
     an.set_defaults(fn=cmd_anomaly)
 
     b = sub.add_parser("bench", help="run a packaged benchmark (scaling: score-matching "
-                                     "methods as D grows)", **fmt)
-    b.add_argument("name", choices=["scaling"], help="which benchmark")
+                                     "methods as D grows; fidelity: energy objectives against "
+                                     "maximum-likelihood mixtures, KL and bits/dim)", **fmt)
+    b.add_argument("name", choices=["scaling", "fidelity"], help="which benchmark")
     b.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="arguments of the benchmark (see `csm-ext bench scaling --help`)")
+                   help="arguments of the benchmark (see `csm-ext bench NAME --help`)")
     b.set_defaults(fn=cmd_bench)
 
     from .bench.vae import build_parser as vae_parser
@@ -810,9 +846,9 @@ def build_parser():
 
 
 def cmd_bench(a):
-    from .bench import scaling
+    from .bench import fidelity, scaling
 
-    {"scaling": scaling.main}[a.name](a.bench_args)
+    {"scaling": scaling.main, "fidelity": fidelity.main}[a.name](a.bench_args)
 
 
 def cmd_vae(a):

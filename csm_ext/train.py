@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .models import MADECSM, PixelCNNppCSM
+from .models import MADECSM, MADEMixture, PixelCNNppCSM, PixelCNNppMixture
 
-MODELS = {"made": MADECSM, "pixelcnnpp": PixelCNNppCSM}
+# Energy models (CSM / MLE / hybrid) and the maximum-likelihood mixture baselines.
+MODELS = {"made": MADECSM, "pixelcnnpp": PixelCNNppCSM, "made-mog": MADEMixture,
+          "pixelcnnpp-logistic": PixelCNNppMixture}
 CHECKPOINT_FORMAT = "csm_ext/1"
 
 
