@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from csm_ext import ops, quadrature, reference
-from csm_ext.bench.memory import reset_peak_rss, status_bytes
+from csm_ext.bench.memory import peak_extra_rss
 from csm_ext.bench.timing import fmt_bytes, fmt_time, machine_info, sync, time_it
 
 METHODS = ("fused", "reference")
@@ -106,10 +106,8 @@ def peak_memory_cuda(method, weights, t, lw, act):
 def _memory_child(method, N, H, L, G, dtype, act):
     """Runs in a fresh process: peak resident memory of one step beyond the inputs."""
     weights, t, lw = make_inputs(N, H, L, G, getattr(torch, dtype), torch.device("cpu"))
-    base = status_bytes("VmRSS")
-    reset_peak_rss()
-    step(method, weights, t, lw, act, backward=True)
-    print(json.dumps({"peak_extra_bytes": max(0, status_bytes("VmHWM") - base)}))
+    peak = peak_extra_rss(lambda: step(method, weights, t, lw, act, backward=True))
+    print(json.dumps({"peak_extra_bytes": peak}))
 
 
 def peak_memory_cpu(method, N, H, L, G, dtype, act):

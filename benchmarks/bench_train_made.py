@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from csm_ext.bench.memory import reset_peak_rss, status_bytes
+from csm_ext.bench.memory import peak_extra_rss
 from csm_ext.bench.timing import sync, time_it
 from csm_ext.models import MADECSM
 
@@ -56,13 +56,7 @@ def time_steps(args, backend):
 def memory_child(args, backend):
     """In a fresh process: the rise of peak RSS during one training step after warm-up."""
     _, step = step_fn(args, backend)
-    step()  # allocate optimizer state and caches
-    import gc
-    gc.collect()
-    reset_peak_rss()
-    base = status_bytes("VmRSS")
-    step()
-    return max(0, status_bytes("VmHWM") - base)
+    return peak_extra_rss(step)  # the warm-up step allocates optimizer state and caches
 
 
 def peak_memory(args, backend):

@@ -26,14 +26,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-from csm_ext.bench.memory import reset_peak_rss, status_bytes
+from csm_ext.bench.memory import peak_extra_rss
+from csm_ext.bench.timing import median_iqr
 from csm_ext.loss import csm_loss
 from csm_ext.models.pixelcnnpp import PixelCNNppCSM
 
@@ -64,11 +64,6 @@ def batch(cfg, device):
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def median_iqr(ts):
-    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return statistics.median(ts), q[2] - q[0]
 
 
 def step_fn(cfg, backend, device):
@@ -159,13 +154,7 @@ def saved_bytes(cfg, backend, device):
 def memory_child(cfg, backend):
     """In a fresh process: the rise of peak RSS during one training step after warm-up."""
     _, _, step = step_fn(cfg, backend, "cpu")
-    step()  # allocate optimizer state and caches
-    import gc
-    gc.collect()
-    reset_peak_rss()
-    base = status_bytes("VmRSS")
-    step()
-    return max(0, status_bytes("VmHWM") - base)
+    return peak_extra_rss(step)  # the warm-up step allocates optimizer state and caches
 
 
 def peak_memory(cfg, backend, device, argv):

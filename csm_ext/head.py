@@ -19,6 +19,10 @@ _JETS = {
     "func": reference.head_jets_func,          # torch.func nested jvp
 }
 BACKENDS = tuple(_JETS)
+# EnergyHead.jets checks its inputs itself (the weights are its own, consistent by
+# construction), so the fused path calls the op directly instead of re-checking everything in
+# ops.head_jets; the C++ kernel checks again, cheaply.
+_FUSED_JETS = torch.ops.csm_ext.head_jets
 
 
 class EnergyHead(nn.Module):
@@ -100,9 +104,21 @@ class EnergyHead(nn.Module):
         if x.dtype != self.u.dtype:
             raise ValueError(f"x has dtype {x.dtype} but the head's parameters are "
                              f"{self.u.dtype}")
+        if x.device != self.u.device or ctx.device != self.u.device:
+            raise ValueError(f"x is on {x.device} and ctx on {ctx.device} but the head's "
+                             f"parameters are on {self.u.device}")
+        if ctx.dtype != self.u.dtype:
+            raise ValueError(f"ctx has dtype {ctx.dtype} but the head's parameters are "
+                             f"{self.u.dtype}")
         z = self.proj(ctx).reshape(-1, self.hidden)
         args = (z, x.reshape(-1), self.u, self.W, self.b, self.w, self.confine, self.activation)
-        return tuple(t.view(x.shape) for t in _JETS[self.backend](*args))
+        if self.backend == "fused":
+            if z.device.type == "cuda" and not ops.cuda_kernels_available():
+                ops.check_head_args(*args)  # raises the no-CUDA-kernels error
+            out = _FUSED_JETS(*args)
+        else:
+            out = _JETS[self.backend](*args)
+        return tuple(t.view(x.shape) for t in out)
 
     def _z(self, ctx: Tensor) -> Tensor:
         if ctx.dim() < 1 or ctx.shape[-1] != self.context_dim:

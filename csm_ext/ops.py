@@ -105,18 +105,43 @@ def head_jets(z: Tensor, x: Tensor, u: Tensor, W: Tensor, b: Tensor, w: Tensor,
     return torch.ops.csm_ext.head_jets(z, x, u, W, b, w, float(alpha), activation)
 
 
+# The fake kernels check shapes with torch._check, which records the relation (e.g. x has z's
+# N rows) instead of comparing sizes in Python: under torch.compile(dynamic=True) a Python
+# comparison would specialise the graph to one N; ranks and dtypes are static either way.
+def _fake_check_shape(t: Tensor, name: str, shape: tuple) -> None:
+    torch._check(t.dim() == len(shape),
+                 lambda: f"{name} must have {len(shape)} dimensions; got shape {tuple(t.shape)}")
+    for got, want in zip(t.shape, shape):
+        torch._check(got == want, lambda: f"{name} must have shape {tuple(shape)}; got "
+                                          f"{tuple(t.shape)}")
+
+
+def _fake_check_head(z, u, W, b, w, activation, x=None) -> None:
+    torch._check(activation in ACTIVATIONS,
+                 lambda: f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    torch._check(z.dim() == 2, lambda: f"z must have shape (N, H); got {tuple(z.shape)}")
+    H = z.shape[1]
+    torch._check(W.dim() == 3, lambda: f"W must have shape (L-1, H, H); got {tuple(W.shape)}")
+    L1 = W.shape[0]
+    for name, t, shape in (("u", u, (H,)), ("W", W, (L1, H, H)), ("b", b, (L1, H)),
+                           ("w", w, (H,))) + ((("x", x, (z.shape[0],)),) if x is not None else ()):
+        _fake_check_shape(t, name, shape)
+        torch._check(t.dtype == z.dtype,
+                     lambda: f"{name} has dtype {t.dtype} but z has dtype {z.dtype}")
+
+
 @torch.library.register_fake("csm_ext::head_jets")
 def _head_jets_fake(z, x, u, W, b, w, alpha, activation):
-    check_head_args(z, x, u, W, b, w, alpha, activation)
+    _fake_check_head(z, u, W, b, w, activation, x)
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("csm_ext::head_jets_backward")
-def _head_jets_backward_fake(grad_E, grad_dE, grad_d2E, z, x, u, W, b, w, alpha, activation):
-    check_head_args(z, x, u, W, b, w, alpha, activation)
+def _head_jets_backward_fake(grad_E, grad_dE, grad_d2E, z, x, u, W, b, w, alpha, activation,
+                             weight_grads=True):
+    _fake_check_head(z, u, W, b, w, activation, x)
     for name, g in (("grad_E", grad_E), ("grad_dE", grad_dE), ("grad_d2E", grad_d2E)):
-        if g.shape != x.shape:
-            raise ValueError(f"{name} must have shape {tuple(x.shape)}; got {tuple(g.shape)}")
+        _fake_check_shape(g, name, tuple(x.shape))
     return (torch.empty_like(z, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(u), torch.empty_like(W), torch.empty_like(b), torch.empty_like(w))
@@ -132,9 +157,11 @@ def _setup_context(ctx, inputs, output):
 def _head_jets_backward(ctx, grad_E, grad_dE, grad_d2E):
     z, x, u, W, b, w = ctx.saved_tensors
     grads = [g if g is not None else torch.zeros_like(x) for g in (grad_E, grad_dE, grad_d2E)]
-    gz, gx, gu, gW, gb, gw = torch.ops.csm_ext.head_jets_backward(
-        *grads, z, x, u, W, b, w, ctx.alpha, ctx.activation)
-    return gz, gx, gu, gW, gb, gw, None, None
+    needs = ctx.needs_input_grad[:6]
+    # A frozen head (sampling, a joint score in x only) skips the weight-gradient work.
+    out = torch.ops.csm_ext.head_jets_backward(*grads, z, x, u, W, b, w, ctx.alpha,
+                                               ctx.activation, any(needs[2:]))
+    return (*(g if need else None for g, need in zip(out, needs)), None, None)
 
 
 torch.library.register_autograd("csm_ext::head_jets", _head_jets_backward,
@@ -182,7 +209,13 @@ def _register_second_order(op: str, reference_fn, n_grads: int, outputs_of) -> N
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-_register_second_order("csm_ext::head_jets_backward", reference.head_jets_ref, 3, range(6))
+def _jets_from_backward_args(z, x, u, W, b, w, alpha, activation, weight_grads=True):
+    # With weight_grads=False the op's weight outputs are zeros that the first-order formula
+    # above discards (it returns None for them), so no further derivative is taken of them.
+    return reference.head_jets_ref(z, x, u, W, b, w, alpha, activation)
+
+
+_register_second_order("csm_ext::head_jets_backward", _jets_from_backward_args, 3, range(6))
 
 
 # ---------------------------------------------------------------- quadrature ops

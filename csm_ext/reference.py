@@ -78,11 +78,12 @@ def head_jets_eager(z, x, u, W, b, w, alpha=0.0, activation="softplus"):
     a = z + x[:, None] * u
     f, d1, d2 = _activation_derivs(activation, a)
     h, h1, h2 = f, d1 * u, d2 * (u * u)  # a' = u, a'' = 0
-    N = x.shape[0]
     for l in range(W.shape[0]):
-        # One matmul for the three jet components stacked along the rows.
-        A = torch.cat([h, h1, h2]) @ W[l].t()
-        a, a1, a2 = A[:N] + b[l], A[N:2 * N], A[2 * N:]
+        # The three jet components through the same matrix; separate products measure faster
+        # than one product of the rows stacked by torch.cat (which copies them), eager and
+        # compiled alike.
+        Wt = W[l].t()
+        a, a1, a2 = torch.addmm(b[l], h, Wt), h1 @ Wt, h2 @ Wt
         f, d1, d2 = _activation_derivs(activation, a)
         h, h1, h2 = f, d1 * a1, d2 * a1 * a1 + d1 * a2
     return h @ w + 0.5 * alpha * x * x, h1 @ w + alpha * x, h2 @ w + alpha

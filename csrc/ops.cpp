@@ -12,9 +12,12 @@ TORCH_LIBRARY(csm_ext, m) {
       "head_jets(Tensor z, Tensor x, Tensor u, Tensor W, Tensor b, Tensor w, float alpha, "
       "str activation) -> (Tensor E, Tensor dE, Tensor d2E)");
   // Its vector-Jacobian product: gradients for (z, x, u, W, b, w) given those of (E, dE, d2E).
+  // weight_grads=False: only grad_z and grad_x are computed (the weight gradients come back as
+  // zeros), for callers whose head weights need no gradient.
   m.def(
       "head_jets_backward(Tensor grad_E, Tensor grad_dE, Tensor grad_d2E, Tensor z, Tensor x, "
-      "Tensor u, Tensor W, Tensor b, Tensor w, float alpha, str activation) -> "
+      "Tensor u, Tensor W, Tensor b, Tensor w, float alpha, str activation, "
+      "bool weight_grads=True) -> "
       "(Tensor grad_z, Tensor grad_x, Tensor grad_u, Tensor grad_W, Tensor grad_b, "
       "Tensor grad_w)");
 

@@ -17,7 +17,9 @@ def test_bench_head_smoke(tmp_path):
     result = bench_head.main(["--preset", "smoke", "--repeats", "2", "--memory", "none",
                               "--methods", "fused,autograd,eager,func", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["fused", "autograd", "eager", "func"]
+    # both paths: the op on z, and csm_loss through an EnergyHead (projection included)
+    assert [(r["path"], r["method"]) for r in rows] == [
+        (p, m) for p in ("z", "loss") for m in ("fused", "autograd", "eager", "func")]
     for r in rows:  # every method verified against the fused op, then timed
         assert r["note"] == "" and r["fwdbwd_s"] > 0
     assert result["machine"]["csm_ext"]["openmp"]

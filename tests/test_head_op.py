@@ -199,3 +199,62 @@ def test_opcheck_head_jets_backward():
     grads = tuple(torch.randn(9, dtype=torch.float64, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.csm_ext.head_jets_backward.default,
                           (*grads, *args, ALPHA, "softplus"))
+
+
+@pytest.mark.parametrize("N", [50, 700])  # the small-call path and the BLAS path
+def test_backward_without_weight_gradients(N):
+    """weight_grads=False (a frozen head) gives the same z and x gradients and skips the
+    weights'; through autograd, a head whose weights need no grad takes that path."""
+    args = make_head_args(N, 16, 3, seed=21)
+    grads = tuple(torch.randn(N, dtype=torch.float64) for _ in range(3))
+    full = torch.ops.csm_ext.head_jets_backward(*grads, *args, ALPHA, "silu")
+    part = torch.ops.csm_ext.head_jets_backward(*grads, *args, ALPHA, "silu", False)
+    torch.testing.assert_close(part[0], full[0])
+    torch.testing.assert_close(part[1], full[1])
+    assert all(not t.any() for t in part[2:])
+    assert full[3].abs().sum() > 0
+    torch.library.opcheck(torch.ops.csm_ext.head_jets_backward.default,
+                          (*grads, *args, ALPHA, "silu", False))
+
+    z, x = (a.clone().requires_grad_(True) for a in args[:2])
+    E, dE, d2E = ops.head_jets(z, x, *args[2:], ALPHA, "silu")
+    gz, gx = torch.autograd.grad((E * grads[0] + dE * grads[1] + d2E * grads[2]).sum(), (z, x))
+    torch.testing.assert_close(gz, full[0])
+    torch.testing.assert_close(gx, full[1])
+
+
+@pytest.mark.parametrize("N,H,L", [(1, 64, 2), (2, 64, 2), (255, 64, 2), (256, 64, 2),
+                                   (257, 64, 2), (511, 64, 2), (512, 64, 2), (513, 64, 2),
+                                   (1000, 64, 2), (5, 16, 3), (7, 32, 2), (131, 128, 2),
+                                   (3, 13, 2), (300, 24, 3)])
+def test_small_and_boundary_sizes_match_reference(N, H, L):
+    """Sizes around the one-thread threshold and the tile sizes, and every width the small-call
+    products specialise (16, 32, 64, 128) or not (13, 24), row counts not a multiple of 4."""
+    args = make_head_args(N, H, L, seed=N)
+    fused = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, "softplus")
+    ref = jets_and_grads(reference.head_jets_ref, args, (1, 2, 3), ALPHA, "softplus")
+    for a, b in zip(fused[0] + list(fused[1]), ref[0] + list(ref[1])):
+        torch.testing.assert_close(a, b)
+
+
+def test_dynamic_shapes_compile_once():
+    """The fake kernels record shape relations with torch._check, so a dynamic-shape graph is
+    not specialised to one N: a second size runs without recompiling."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def loss(z, x, u, W, b, w):
+        _, dE, d2E = ops.head_jets(z, x, u, W, b, w, ALPHA, "tanh")
+        return (0.5 * dE * dE - d2E).sum()
+
+    fn = torch.compile(loss, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for N in (37, 53, 90):  # (sizes 0 and 1 are specialised by design)
+        args = make_head_args(N, 8, 2, dtype=torch.float32, seed=N, requires_grad=True)
+        out = fn(*args)
+        out.backward()
+        frames.append(counter.frame_count)
+        torch.testing.assert_close(out, loss(*args))
+    assert frames[0] >= 1 and frames[-1] == frames[0], f"recompiled: frames {frames}"

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .memory import reset_peak_rss, status_bytes
+from .memory import peak_extra_rss, status_bytes
+from .timing import median_iqr
 
 METHODS = ("exact-sm", "sliced-sm", "sliced-sm-vr", "dsm", "csm-autograd", "csm-func",
            "csm-fused")
@@ -80,20 +80,19 @@ def child(method, D, B, hidden, context_dim, head_hidden, steps, emit=print):
         opt.step()
         return loss.item()
 
-    base = status_bytes("VmRSS")
-    reset_peak_rss()  # measure the steps, not the imports
     t0 = time.perf_counter()
     train_step()  # warm-up, also tells the parent the method runs at all
     emit(json.dumps({"warmup_s": time.perf_counter() - t0}))
+    peak = peak_extra_rss(train_step, warmup=0)  # one steady-state step, as every benchmark
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         train_step()
         times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    median, iqr = median_iqr(times)
     emit(json.dumps({
-        "median_s": statistics.median(times), "iqr_s": q[2] - q[0], "steps": len(times),
-        "peak_extra_bytes": max(0, status_bytes("VmHWM") - base),
+        "median_s": median, "iqr_s": iqr, "steps": len(times),
+        "peak_extra_bytes": peak,
         "params": sum(p.numel() for p in model.parameters()),
     }))
 

@@ -36,6 +36,11 @@ def time_it(fn: Callable[[], object], device, repeats: int, warmup: int) -> tupl
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+    return median_iqr(times)
+
+
+def median_iqr(times: list[float]) -> tuple[float, float]:
+    """``(median, interquartile range)`` of a list of timings (IQR 0 for one timing)."""
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times), q[2] - q[0]
 

@@ -83,7 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 head_jets_backward_cuda(const at::Tensor& grad_E, const at::Tensor& grad_dE,
                         const at::Tensor& grad_d2E, const at::Tensor& z_in, const at::Tensor& x_in,
                         const at::Tensor& u_in, const at::Tensor& W_in, const at::Tensor& b_in,
-                        const at::Tensor& w_in, double alpha, c10::string_view activation) {
+                        const at::Tensor& w_in, double alpha, c10::string_view activation,
+                        bool /*weight_grads*/) {
+  // The CUDA backward always computes the weight gradients (they come from the same block
+  // reduction as grad_z); weight_grads=False is honoured by the CPU kernel only.
   const Activation act = parse_activation(std::string(activation));
   const at::AutoDispatchBelowAutograd below_autograd;
   const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
