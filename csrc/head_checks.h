@@ -1,4 +1,5 @@
-// Host-side argument checking and activation dispatch shared by the CPU and CUDA launchers.
+// Host-side argument checking shared by the CPU and CUDA launchers (the compile-time switches
+// are in static_switch.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,6 +9,7 @@
 #include <type_traits>
 
 #include "head_math.h"
+#include "static_switch.h"  // dispatch_activation
 
 namespace csm_ext {
 
@@ -17,22 +19,6 @@ inline Activation parse_activation(const std::string& name) {
   if (name == "silu") return Activation::SiLU;
   TORCH_CHECK_VALUE(false, "csm_ext: activation must be one of 'softplus', 'tanh', 'silu'; got '",
                     name, "'");
-}
-
-// Calls f(std::integral_constant<Activation, A>{}) so kernels get the activation at compile time.
-template <typename F>
-void dispatch_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::Softplus:
-      f(std::integral_constant<Activation, Activation::Softplus>{});
-      break;
-    case Activation::Tanh:
-      f(std::integral_constant<Activation, Activation::Tanh>{});
-      break;
-    case Activation::SiLU:
-      f(std::integral_constant<Activation, Activation::SiLU>{});
-      break;
-  }
 }
 
 // Shapes of the head's parameters, checked once here for every backend:
@@ -80,6 +66,55 @@ inline void check_grad_arg(const at::Tensor& g, const char* name, const at::Tens
   TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == z.size(0), "csm_ext: ", name,
                     " must have shape (", z.size(0), ",); got ", g.sizes());
   check_same(g, name, z);
+}
+
+// The head's inputs, checked and made contiguous: what every head-jets launcher (CPU, CUDA)
+// starts from.
+struct HeadInputs {
+  at::Tensor z, x, u, W, b, w;
+  HeadDims d;
+};
+
+inline HeadInputs prepare_head_inputs(const at::Tensor& z, const at::Tensor& x,
+                                      const at::Tensor& u, const at::Tensor& W,
+                                      const at::Tensor& b, const at::Tensor& w, double alpha) {
+  const HeadDims d = check_head_args(z, x, u, W, b, w, alpha);
+  return {z.contiguous(), x.contiguous(), u.contiguous(), W.contiguous(), b.contiguous(),
+          w.contiguous(), d};
+}
+
+// Checks of the quadrature ops (node energies, log Z and their backwards), every backend;
+// returns the head's dimensions.
+inline HeadDims check_quad_args(const at::Tensor& z, const at::Tensor& u, const at::Tensor& W,
+                         const at::Tensor& b, const at::Tensor& w, double alpha,
+                         const at::Tensor& nodes, const at::Tensor* log_weights) {
+  TORCH_CHECK_VALUE(nodes.dim() == 1 && nodes.size(0) >= 2,
+                    "csm_ext: nodes must have shape (G,) with G >= 2; got ", nodes.sizes());
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) >= 1,
+                    "csm_ext: z must have shape (N, H) with H >= 1; got ", z.sizes());
+  // The head checks want an x of shape (N,): the element count is z's.
+  const HeadDims d = check_head_args(z, z.select(1, 0), u, W, b, w, alpha);
+  check_same(nodes, "nodes", z);
+  if (log_weights != nullptr) {
+    TORCH_CHECK_VALUE(log_weights->dim() == 1 && log_weights->size(0) == nodes.size(0),
+                      "csm_ext: log_weights must have shape (", nodes.size(0), ",); got ",
+                      log_weights->sizes());
+    check_same(*log_weights, "log_weights", z);
+  }
+  return d;
+}
+
+// The quadrature ops' inputs made contiguous (lw undefined when there are no log-weights).
+struct QuadInputs {
+  at::Tensor z, u, W, b, w, t, lw;
+};
+
+inline QuadInputs contiguous_quad_inputs(const at::Tensor& z, const at::Tensor& u,
+                                         const at::Tensor& W, const at::Tensor& b,
+                                         const at::Tensor& w, const at::Tensor& nodes,
+                                         const at::Tensor* log_weights) {
+  return {z.contiguous(), u.contiguous(), W.contiguous(), b.contiguous(), w.contiguous(),
+          nodes.contiguous(), log_weights != nullptr ? log_weights->contiguous() : at::Tensor()};
 }
 
 }  // namespace csm_ext

@@ -415,9 +415,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_jets_cpu(
     const at::Tensor& b_in, const at::Tensor& w_in, double alpha, c10::string_view activation) {
   const Activation act = parse_activation(std::string(activation));
   const at::AutoDispatchBelowAutograd below_autograd;  // internal matmuls record no graph
-  const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
-  const at::Tensor z = z_in.contiguous(), x = x_in.contiguous(), u = u_in.contiguous(),
-                   W = W_in.contiguous(), b = b_in.contiguous(), w = w_in.contiguous();
+  const HeadInputs in = prepare_head_inputs(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
+  const at::Tensor &z = in.z, &x = in.x, &u = in.u, &W = in.W, &b = in.b, &w = in.w;
+  const HeadDims d = in.d;
   at::Tensor E = at::empty({d.N}, x.options());
   at::Tensor dE = at::empty({d.N}, x.options());
   at::Tensor d2E = at::empty({d.N}, x.options());
@@ -440,12 +440,12 @@ head_jets_backward_cpu(const at::Tensor& grad_E, const at::Tensor& grad_dE,
                        bool weight_grads) {
   const Activation act = parse_activation(std::string(activation));
   const at::AutoDispatchBelowAutograd below_autograd;  // internal matmuls record no graph
-  const HeadDims d = check_head_args(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
+  const HeadInputs in = prepare_head_inputs(z_in, x_in, u_in, W_in, b_in, w_in, alpha);
   check_grad_arg(grad_E, "grad_E", z_in);
   check_grad_arg(grad_dE, "grad_dE", z_in);
   check_grad_arg(grad_d2E, "grad_d2E", z_in);
-  const at::Tensor z = z_in.contiguous(), x = x_in.contiguous(), u = u_in.contiguous(),
-                   W = W_in.contiguous(), b = b_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor &z = in.z, &x = in.x, &u = in.u, &W = in.W, &b = in.b, &w = in.w;
+  const HeadDims d = in.d;
   const at::Tensor gE = grad_E.contiguous(), gdE = grad_dE.contiguous(),
                    gd2E = grad_d2E.contiguous();
   at::Tensor gz = at::empty({d.N, d.H}, z.options());

@@ -316,32 +316,10 @@ void backward_impl(const QuadParams<scalar_t>& p, const scalar_t* grad_E,
   }
 }
 
-// Checks shared by the four entry points; returns the head's dimensions.
-HeadDims check_quad_args(const at::Tensor& z, const at::Tensor& u, const at::Tensor& W,
-                         const at::Tensor& b, const at::Tensor& w, double alpha,
-                         const at::Tensor& nodes, const at::Tensor* log_weights) {
-  TORCH_CHECK_VALUE(nodes.dim() == 1 && nodes.size(0) >= 2,
-                    "csm_ext: nodes must have shape (G,) with G >= 2; got ", nodes.sizes());
-  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) >= 1,
-                    "csm_ext: z must have shape (N, H) with H >= 1; got ", z.sizes());
-  // The head checks want an x of shape (N,): the element count is z's.
-  const HeadDims d = check_head_args(z, z.select(1, 0), u, W, b, w, alpha);
-  check_same(nodes, "nodes", z);
-  if (log_weights != nullptr) {
-    TORCH_CHECK_VALUE(log_weights->dim() == 1 && log_weights->size(0) == nodes.size(0),
-                      "csm_ext: log_weights must have shape (", nodes.size(0), ",); got ",
-                      log_weights->sizes());
-    check_same(*log_weights, "log_weights", z);
-  }
-  return d;
-}
 
-struct Contig {
-  at::Tensor z, u, W, b, w, t, lw;
-};
 
 template <typename scalar_t>
-QuadParams<scalar_t> make_params(const Contig& c, double alpha, const HeadDims& d, int64_t G) {
+QuadParams<scalar_t> make_params(const QuadInputs& c, double alpha, const HeadDims& d, int64_t G) {
   QuadParams<scalar_t> p{c.z.data_ptr<scalar_t>(), c.u.data_ptr<scalar_t>(),
                          c.b.data_ptr<scalar_t>(), c.w.data_ptr<scalar_t>(),
                          c.t.data_ptr<scalar_t>(),
@@ -355,12 +333,6 @@ QuadParams<scalar_t> make_params(const Contig& c, double alpha, const HeadDims& 
   return p;
 }
 
-Contig contiguous(const at::Tensor& z, const at::Tensor& u, const at::Tensor& W,
-                  const at::Tensor& b, const at::Tensor& w, const at::Tensor& nodes,
-                  const at::Tensor* log_weights) {
-  return {z.contiguous(), u.contiguous(), W.contiguous(), b.contiguous(), w.contiguous(),
-          nodes.contiguous(), log_weights != nullptr ? log_weights->contiguous() : at::Tensor()};
-}
 
 at::Tensor node_energies_cpu(const at::Tensor& z, const at::Tensor& u, const at::Tensor& W,
                              const at::Tensor& b, const at::Tensor& w, double alpha,
@@ -368,7 +340,7 @@ at::Tensor node_energies_cpu(const at::Tensor& z, const at::Tensor& u, const at:
   const Activation act = parse_activation(std::string(activation));
   const at::AutoDispatchBelowAutograd below_autograd;
   const HeadDims d = check_quad_args(z, u, W, b, w, alpha, nodes, nullptr);
-  const Contig c = contiguous(z, u, W, b, w, nodes, nullptr);
+  const QuadInputs c = contiguous_quad_inputs(z, u, W, b, w, nodes, nullptr);
   const int64_t G = nodes.size(0);
   at::Tensor E = at::empty({d.N, G}, z.options());
   if (d.N == 0) return E;
@@ -388,7 +360,7 @@ at::Tensor logz_cpu(const at::Tensor& z, const at::Tensor& u, const at::Tensor& 
   const Activation act = parse_activation(std::string(activation));
   const at::AutoDispatchBelowAutograd below_autograd;
   const HeadDims d = check_quad_args(z, u, W, b, w, alpha, nodes, &log_weights);
-  const Contig c = contiguous(z, u, W, b, w, nodes, &log_weights);
+  const QuadInputs c = contiguous_quad_inputs(z, u, W, b, w, nodes, &log_weights);
   at::Tensor logz = at::empty({d.N}, z.options());
   if (d.N == 0) return logz;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "head_logz_cpu", [&] {
@@ -425,7 +397,7 @@ WeightGradTuple backward_common(const at::Tensor* grad_E, const at::Tensor* grad
     gl = grad_logz->contiguous();
     lz = logz->contiguous();
   }
-  const Contig c = contiguous(z, u, W, b, w, nodes, log_weights);
+  const QuadInputs c = contiguous_quad_inputs(z, u, W, b, w, nodes, log_weights);
   at::Tensor gz = at::zeros({d.N, d.H}, z.options());
   at::Tensor gu = at::zeros_like(c.u), gW = at::zeros_like(c.W), gb = at::zeros_like(c.b),
              gw = at::zeros_like(c.w);

@@ -24,7 +24,9 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../static_switch.h"
 #include "head_logz_cuda.h"
+#include "launch_utils.h"
 
 namespace csm_ext {
 namespace cuda {
@@ -65,101 +67,21 @@ __global__ void __launch_bounds__(kThreads)
   if (i < count) reduce_record_entry(i, partial, nblocks, H, HP, L, gu, gW, gb, gw);
 }
 
-// ---- compile-time dispatch --------------------------------------------------------------------
-
-template <Activation A>
-using ActTag = std::integral_constant<Activation, A>;
+// ---- compile-time dispatch (static_switch.h) ----------------------------------------------------
 
 template <class F>
 void with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::Softplus:
-      f(ActTag<Activation::Softplus>{});
-      break;
-    case Activation::Tanh:
-      f(ActTag<Activation::Tanh>{});
-      break;
-    case Activation::SiLU:
-      f(ActTag<Activation::SiLU>{});
-      break;
-  }
+  dispatch_activation(act, f);
 }
 
+// f(Cfg{}) with the tiled configuration of padded width hp (32, 64 or 128).
 template <typename S, class F>
 void with_tiled_cfg(int hp, F&& f) {
-  switch (hp) {
-    case 32:
-      f(q::FastCfg<S, 32, q::fast_rows<S>(32)>{});
-      break;
-    case 64:
-      f(q::FastCfg<S, 64, q::fast_rows<S>(64)>{});
-      break;
-    default:
-      f(q::FastCfg<S, 128, q::fast_rows<S>(128)>{});
-      break;
-  }
+  dispatch_tiled_width(hp, [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    f(q::FastCfg<S, W, q::fast_rows<S>(W)>{});
+  });
 }
-
-int tiled_width(int64_t H) { return H <= 32 ? 32 : H <= 64 ? 64 : 128; }
-
-// ---- device facts and occupancy (cached: plans run on every call) ------------------------------
-
-struct DeviceInfo {
-  int sms = 0;
-  int smem_optin = 0;
-};
-
-std::mutex cache_mutex;
-
-cudaError_t device_info(int device, DeviceInfo* out) {
-  static std::map<int, DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    DeviceInfo info;
-    cudaError_t err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    err = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err != cudaSuccess) return err;
-    it = cache.emplace(device, info).first;
-  }
-  *out = it->second;
-  return cudaSuccess;
-}
-
-// Resident blocks per SM of `kernel` with `smem` bytes of dynamic shared memory (0 when it does
-// not fit); raises the kernel's dynamic shared-memory limit to the opt-in maximum first.
-template <class Kernel>
-cudaError_t blocks_per_sm(Kernel kernel, int64_t smem, int device, const DeviceInfo& info,
-                          int* out) {
-  *out = 0;
-  if (smem > info.smem_optin) return cudaSuccess;
-  static std::map<std::tuple<const void*, int, int64_t>, int> cache;
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, smem);
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           info.smem_optin);
-    if (err != cudaSuccess) return err;
-    int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem);
-    if (err != cudaSuccess) return err;
-    it = cache.emplace(key, n).first;
-  }
-  *out = it->second;
-  return cudaSuccess;
-}
-
-// CSM_EXT_CUDA_PATH=generic forces the generic kernels (as for the head jets; tests use it).
-bool force_generic() {
-  const char* v = std::getenv("CSM_EXT_CUDA_PATH");
-  return v != nullptr && std::strcmp(v, "generic") == 0;
-}
-
-// Scratch caps for the generic path: beyond them the grid shrinks (correct, slower).
-constexpr int64_t kWorkspaceBudgetBytes = int64_t(512) << 20;
-constexpr int64_t kPartialBudgetBytes = int64_t(512) << 20;
 
 template <typename S, bool kBackward>
 cudaError_t make_plan(Activation act, int64_t N, int64_t H, int64_t L, int64_t G, int device,
@@ -185,10 +107,10 @@ cudaError_t make_plan(Activation act, int64_t N, int64_t H, int64_t L, int64_t G
           const int64_t bytes = lay.total * int64_t(sizeof(S));
           int nb = 0;
           if constexpr (kBackward) {
-            err = blocks_per_sm(quad_backward_kernel<decltype(A)::value, Cfg, S>, bytes, device,
+            err = blocks_per_sm(quad_backward_kernel<decltype(A)::value, Cfg, S>, kThreads, bytes, device,
                                 info, &nb);
           } else {
-            err = blocks_per_sm(quad_forward_kernel<decltype(A)::value, Cfg, S>, bytes, device,
+            err = blocks_per_sm(quad_forward_kernel<decltype(A)::value, Cfg, S>, kThreads, bytes, device,
                                 info, &nb);
           }
           if (nb > best) {  // the local record is tried first and kept on a tie
@@ -213,10 +135,10 @@ cudaError_t make_plan(Activation act, int64_t N, int64_t H, int64_t L, int64_t G
       using Cfg = q::GenericCfg<S>;
       auto occupancy = [&](int64_t bytes, int* nb) {
         if constexpr (kBackward) {
-          return blocks_per_sm(quad_backward_kernel<decltype(A)::value, Cfg, S>, bytes, device,
+          return blocks_per_sm(quad_backward_kernel<decltype(A)::value, Cfg, S>, kThreads, bytes, device,
                                info, nb);
         } else {
-          return blocks_per_sm(quad_forward_kernel<decltype(A)::value, Cfg, S>, bytes, device,
+          return blocks_per_sm(quad_forward_kernel<decltype(A)::value, Cfg, S>, kThreads, bytes, device,
                                info, nb);
         }
       };

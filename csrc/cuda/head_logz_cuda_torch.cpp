@@ -25,23 +25,11 @@
 namespace csm_ext {
 namespace {
 
-// The checks of the CPU kernels (head_logz_cpu.cpp), then the CUDA kernels' own limits.
+// The checks of the CPU kernels (head_checks.h), then the CUDA kernels' own limits.
 HeadDims check_quad_cuda_args(const at::Tensor& z, const at::Tensor& u, const at::Tensor& W,
                               const at::Tensor& b, const at::Tensor& w, double alpha,
                               const at::Tensor& nodes, const at::Tensor* log_weights) {
-  TORCH_CHECK_VALUE(nodes.dim() == 1 && nodes.size(0) >= 2,
-                    "csm_ext: nodes must have shape (G,) with G >= 2; got ", nodes.sizes());
-  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) >= 1,
-                    "csm_ext: z must have shape (N, H) with H >= 1; got ", z.sizes());
-  // The head checks want an x of shape (N,): the element count is z's.
-  const HeadDims d = check_head_args(z, z.select(1, 0), u, W, b, w, alpha);
-  check_same(nodes, "nodes", z);
-  if (log_weights != nullptr) {
-    TORCH_CHECK_VALUE(log_weights->dim() == 1 && log_weights->size(0) == nodes.size(0),
-                      "csm_ext: log_weights must have shape (", nodes.size(0), ",); got ",
-                      log_weights->sizes());
-    check_same(*log_weights, "log_weights", z);
-  }
+  const HeadDims d = check_quad_args(z, u, W, b, w, alpha, nodes, log_weights);
   TORCH_CHECK_VALUE(z.is_cuda(), "csm_ext: z must be a CUDA tensor for the CUDA kernels; got ",
                     z.device());
   TORCH_CHECK_VALUE(d.H <= cuda::kMaxHidden, "csm_ext: the CUDA quadrature kernels support H <= ",
@@ -53,19 +41,10 @@ HeadDims check_quad_cuda_args(const at::Tensor& z, const at::Tensor& u, const at
   return d;
 }
 
-struct Contig {
-  at::Tensor z, u, W, b, w, t, lw;
-};
 
-Contig contiguous(const at::Tensor& z, const at::Tensor& u, const at::Tensor& W,
-                  const at::Tensor& b, const at::Tensor& w, const at::Tensor& nodes,
-                  const at::Tensor* log_weights) {
-  return {z.contiguous(), u.contiguous(), W.contiguous(), b.contiguous(), w.contiguous(),
-          nodes.contiguous(), log_weights != nullptr ? log_weights->contiguous() : at::Tensor()};
-}
 
 template <typename scalar_t>
-cuda::QuadArgs<scalar_t> quad_args(const Contig& c, double alpha, const HeadDims& d, int64_t G) {
+cuda::QuadArgs<scalar_t> quad_args(const QuadInputs& c, double alpha, const HeadDims& d, int64_t G) {
   return {c.z.data_ptr<scalar_t>(),
           c.u.data_ptr<scalar_t>(),
           c.W.data_ptr<scalar_t>(),
@@ -103,7 +82,7 @@ at::Tensor forward_common(const at::Tensor& z_in, const at::Tensor& u, const at:
   const at::AutoDispatchBelowAutograd below_autograd;  // internal ops record no graph
   const HeadDims d = check_quad_cuda_args(z_in, u, W, b, w, alpha, nodes, log_weights);
   const c10::cuda::CUDAGuard device_guard(z_in.device());
-  const Contig c = contiguous(z_in, u, W, b, w, nodes, log_weights);
+  const QuadInputs c = contiguous_quad_inputs(z_in, u, W, b, w, nodes, log_weights);
   const int64_t G = nodes.size(0);
   const bool logz = log_weights != nullptr;
   at::Tensor out = logz ? at::empty({d.N}, c.z.options()) : at::empty({d.N, G}, c.z.options());
@@ -145,7 +124,7 @@ WeightGradTuple backward_common(const at::Tensor* grad_E, const at::Tensor* grad
     lz = logz->contiguous();
   }
   const c10::cuda::CUDAGuard device_guard(z_in.device());
-  const Contig c = contiguous(z_in, u, W, b, w, nodes, log_weights);
+  const QuadInputs c = contiguous_quad_inputs(z_in, u, W, b, w, nodes, log_weights);
   // grad_z: each element's first chunk writes its row; the weight gradients: every entry is
   // written by the reduction kernel.
   at::Tensor gz = at::empty({d.N, d.H}, c.z.options());
