@@ -46,11 +46,13 @@ int64_t useful_chunks(int64_t n, int64_t rows) {
                                         n / kMinElementsPerThread}));
 }
 
-// Calls below this many elements run on one thread from start to end: one chunk, and the tile
-// products by small_gemm below instead of the BLAS, which would otherwise spread even a tiny
-// product over every thread (and, on a loaded machine, wait for a descheduled one). The
-// choice depends on N only, so results do not depend on the thread count.
-constexpr int64_t kInlineGemmBelow = 2 * kMinElementsPerThread;
+// Calls of up to this many elements do their tile products with small_gemm below instead of the
+// BLAS, which would otherwise spread even a tiny product over every thread (and, on a loaded
+// machine, wait for a descheduled one); below 2·kMinElementsPerThread they also run as one
+// chunk, on one thread from start to end. The choice depends on N only, and every larger call
+// has at least two forward tiles, whose products run one per thread inside the parallel loop:
+// per-element results do not depend on the thread count.
+constexpr int64_t kInlineGemmUpTo = 2 * kMinElementsPerThread;
 
 // C (M×N) = [C +] A·B with row-major B (K×N) and A row-major (M×K), or stored transposed
 // (K×M) when a_transposed. For small calls only. kN > 0: N == kN is known at compile time, and
@@ -139,7 +141,7 @@ struct HeadParams {
   std::vector<at::Tensor> Wt;  // their transposes (views)
   std::vector<at::Tensor> WtC;  // contiguous transposes, for small_gemm (small calls only)
   int64_t N, H, L;
-  bool inline_gemm;  // N < kInlineGemmBelow: tile products by small_gemm, on this thread
+  bool inline_gemm;  // N <= kInlineGemmUpTo: tile products by small_gemm
 };
 
 // Push the pre-activation jet of scratch entry i through φ and store what the caller needs
@@ -223,7 +225,7 @@ HeadParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& x, const
                                  double alpha, const HeadDims& d) {
   HeadParams<scalar_t> p{z.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
                          b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(alpha),
-                         {}, {}, {}, d.N, d.H, d.L, d.N < kInlineGemmBelow};
+                         {}, {}, {}, d.N, d.H, d.L, d.N <= kInlineGemmUpTo};
   // The BLAS calls below are plain kernels on raw data, never part of an autograd graph.
   const at::Tensor W_data = W.detach();
   for (int64_t l = 0; l + 1 < d.L; ++l) {
