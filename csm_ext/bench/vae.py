@@ -78,7 +78,7 @@ def _figure(rows, path, title):
 
     n = rows[0][1].shape[0]
     imgs = torch.cat([r[1][:n] for r in rows]).view(-1, 1, 28, 28)
-    save_image_grid(imgs, path, nrow=n, title=title + " | rows: " + ", ".join(r[0] for r in rows))
+    save_image_grid(imgs, path, nrow=n, title=title)
 
 
 def _table(results, dims, methods):
@@ -175,7 +175,9 @@ def run(a: argparse.Namespace, argv=None) -> dict:
                   + (f", quadrature error {r['quadrature_error']['max_per_sample']:.2e} nats "
                      "per sample" if "quadrature_error" in r else ""), flush=True)
         path = os.path.join(fig_dir, f"vae_z{d}.png")
-        _figure(fig_rows + samples_rows, path, f"VAE, latent {d}, {a.data}")
+        short = "/".join(LABELS[m].split("-")[0][:5] for m in methods)
+        _figure(fig_rows + samples_rows, path,
+                f"latent {d}, {a.data}. Rows: test; recon {short}; samples {short}")
         print(f"figure: {path}")
     table = _table(results, dims, methods)
     doc = dict(benchmark="vae", quick=a.quick, data=a.data, dims=dims, methods=methods,
