@@ -19,8 +19,8 @@ Sections:
 * ``mnist``: held-out bits/dim of the smoothed data in model space ([−1, 1], Gaussian noise σ
   truncated at ±4σ, support widened by 4σ) for the same five MADE models and PixelCNN++ with
   CSM against PixelCNN++ with a logistic mixture, at each σ, the same split and the same
-  wall-clock budget per model (each model's steps set from its measured step time so that its
-  cosine schedule completes within the budget); steps/s; one figure of samples per σ (the
+  wall-clock budget per model (warmup and cosine decay on the wall clock, so every schedule
+  completes in the budget whatever the step cost; ``--steps N``: N steps each instead); steps/s; one figure of samples per σ (the
   exact grid sampler for the energy models, ancestral for the mixtures; all end with the same
   per-dimension Tweedie step and clip to the data range).
 """
@@ -100,53 +100,46 @@ def build_pcnn(row, shape, support, a):
                              components=a.pcnn_components, support=support)
 
 
-def fit(model, batch, steps, lr, nodes, warmup=0, time_limit=None, seed=0):
-    """Adam with linear warmup and cosine decay over ``steps`` (csm_ext.train.lr_factor),
-    grad-norm clip 1, on the model's own loss; ``batch(generator) -> x``; stops early past
-    ``time_limit`` seconds. Returns steps done, seconds, steps/s and the last loss."""
+def fit(model, batch, steps, lr, nodes, warmup=0, time_budget=None, seed=0):
+    """Adam, grad-norm clip 1, on the model's own loss; ``batch(generator) -> x``.
+
+    ``time_budget=None``: ``steps`` steps with linear warmup and cosine decay over them
+    (csm_ext.train.lr_factor). ``time_budget=T`` seconds: the same schedule on the wall clock
+    (warmup over the first 5 % of T, cosine to 0 at T), stopping at T, so every method gets the
+    same time and a complete schedule whatever its step cost (``steps`` is then ignored).
+    Returns steps done, seconds, steps/s and the last loss."""
     torch.manual_seed(seed)
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, progress=False)
+    cfg = TrainConfig(steps=max(1, steps), lr=lr, warmup=warmup, progress=False)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 1)
     model.train()
     t0, done, last = time.perf_counter(), 0, float("nan")
-    for step in range(steps):
+    while True:
+        if time_budget is None:
+            if done >= steps:
+                break
+            factor = lr_factor(done, cfg)
+        else:
+            frac = (time.perf_counter() - t0) / time_budget
+            if frac >= 1.0:
+                break
+            factor = (frac / 0.05 if frac < 0.05 else
+                      0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95)))
+            factor = max(factor, 1e-3)  # the first step is not a no-op
         for pg in opt.param_groups:
-            pg["lr"] = lr * lr_factor(step, cfg)
+            pg["lr"] = lr * factor
         loss = model.loss(batch(g), nodes=nodes)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"{type(model).__name__}: non-finite loss at step {step}")
+            raise RuntimeError(f"{type(model).__name__}: non-finite loss at step {done}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        done, last = step + 1, float(loss.detach())
-        if time_limit and time.perf_counter() - t0 > time_limit:
-            break
+        done, last = done + 1, float(loss.detach())
     dt = time.perf_counter() - t0
     model.eval()
     return dict(steps=done, seconds=dt, steps_per_s=done / dt if dt > 0 else float("nan"),
                 final_loss=last)
-
-
-def step_time(model, batch, nodes, lr, repeats=3):
-    """Seconds per training step (median of ``repeats`` after one warm-up step), on a copy of
-    the optimiser state that is thrown away (the model's weights move by these few steps)."""
-    import copy
-
-    m = copy.deepcopy(model)
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(12345)
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        loss = m.loss(batch(g), nodes=nodes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 # ---------------------------------------------------------------- toys
@@ -287,10 +280,9 @@ def bench_images(a):
             def batch(g, bs=bs):
                 return src.batch(bs, g)
 
-            t_step = step_time(model, batch, a.train_nodes, lr)
-            steps = max(1, int(budget / t_step)) if a.steps is None else a.steps
+            steps = a.steps or 0
             fitted = fit(model, batch, steps, lr, a.train_nodes, warmup=min(50, steps // 10),
-                         time_limit=1.25 * budget if a.steps is None else None)
+                         time_budget=budget if a.steps is None else None)
             t0 = time.perf_counter()
             lik = held_out_likelihood(model, x_test, None, a.eval_batch)
             eval_s = time.perf_counter() - t0
@@ -302,8 +294,8 @@ def bench_images(a):
             sampler = "ancestral" if isinstance(model, (MADEMixture, PixelCNNppMixture)) else "grid"
             panels.append((f"{row}\n{lik['bits_per_dim']:.3f} bits/dim",
                            src.to_display(xs.reshape(n_s, -1))))
-            rec = dict(data=a.data, sigma=sigma, model=row, budget_s=budget,
-                       step_s_measured=t_step, batch=bs, lr=lr, **fitted, **lik,
+            rec = dict(data=a.data, sigma=sigma, model=row,
+                       budget_s=budget if a.steps is None else None, batch=bs, lr=lr, **fitted, **lik,
                        eval_seconds=eval_s, sampler=sampler, sample_seconds=sample_s,
                        sample_seconds_per_image=sample_s / n_s,
                        params=sum(p.numel() for p in model.parameters()))
@@ -390,7 +382,7 @@ def main(argv=None):
     p.add_argument("--pcnn-sigmas", default="0.1,0.25,0.5",
                    help="σ at which the PixelCNN++ pair runs (empty: none)")
     p.add_argument("--budget", type=float, default=60.0,
-                   help="training wall-clock seconds per MADE model (steps = budget / step time)")
+                   help="training wall-clock seconds per MADE model (schedule on the wall clock)")
     p.add_argument("--pcnn-budget", type=float, default=90.0, help="same, per PixelCNN++ model")
     p.add_argument("--steps", type=int, default=None,
                    help="a fixed number of steps for every image model instead of the budget")
