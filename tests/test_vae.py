@@ -343,3 +343,15 @@ def test_bench_vae_quick(tmp_path):
         assert math.isfinite(r["nll_mean"]) and r["nll_mean"] > 0 and r["n_test"] == 4
     assert (tmp_path / "vae_z2.png").stat().st_size > 0
     assert "CSM-implicit" in saved["table"]
+
+
+def test_cli_vae_quick(tmp_path):
+    import json
+
+    from csm_ext import cli
+
+    out = tmp_path / "cli.json"
+    assert cli.main(["vae", "--quick", "--methods", "csm-implicit", "--out", str(out)]) in (0, None)
+    saved = json.loads(out.read_text())
+    assert list(saved["results"]) == ["csm-implicit/z2"]
+    assert saved["results"]["csm-implicit/z2"]["quadrature_error"]["nodes"] == 33
