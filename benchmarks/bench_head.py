@@ -42,7 +42,7 @@ import torch
 
 import csm_ext
 from csm_ext import EnergyHead, csm_loss, ops, reference
-from csm_ext.bench.memory import peak_extra_rss
+from csm_ext.bench.memory import peak_extra_rss, probe_env, saved_bytes
 from csm_ext.bench.timing import fmt_bytes, fmt_time, machine_info, sync, time_it
 
 METHODS = ("fused", "autograd", "eager", "func", "compile-autograd", "compile-eager")
@@ -194,7 +194,7 @@ def peak_memory_cpu(path, method, N, H, L, K, dtype, act):
             f"bench_head._memory_child({path!r}, {method!r}, {N}, {H}, {L}, {K}, {dtype!r}, "
             f"{act!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=1800, env=probe_env())
     if out.returncode != 0:
         raise RuntimeError(f"memory probe for {method} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
@@ -214,6 +214,7 @@ class Row:
     fwdbwd_s: float | None = None
     fwdbwd_iqr_s: float | None = None
     peak_bytes: int | None = None
+    saved_bytes: int | None = None  # what autograd keeps for the backward (inputs included)
     gflops_fwdbwd: float | None = None
     frac_matmul_peak: float | None = None
     op_frac_matmul_peak: float | None = None  # fused only: with the FLOPs it performs
@@ -234,6 +235,10 @@ def verify(method, prob, ref, dtype):
 def run_config(N, H, L, methods, device, dtype, act, repeats, budget_s, memory, matmul,
                path="z", K=0):
     K = K if path == "loss" else 0
+    # Fresh compilations per configuration: dynamo's cache would otherwise hit its recompile
+    # limit over a sweep and silently run the later configurations uncompiled.
+    torch._dynamo.reset()
+    _compiled.clear()
     prob = Problem(path, N, H, L, K, dtype, device, act)
     ref = prob.step("fused", backward=True)
     rows = []
@@ -266,6 +271,7 @@ def run_config(N, H, L, methods, device, dtype, act, repeats, budget_s, memory, 
                     row.op_frac_matmul_peak = (head_flops(N, H, L, True, K, performed=True)
                                                / row.fwdbwd_s / matmul)
             if memory:
+                row.saved_bytes = saved_bytes(lambda: prob.step(method, backward=True))
                 if device.type == "cuda":
                     row.peak_bytes = peak_memory_cuda(method, prob)
                 elif memory == "all" or not method.startswith("compile"):
@@ -278,7 +284,7 @@ def run_config(N, H, L, methods, device, dtype, act, repeats, budget_s, memory, 
             row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     fused = rows[0]
     for row in rows:
-        for key in ("fwd_s", "fwdbwd_s", "peak_bytes"):
+        for key in ("fwd_s", "fwdbwd_s", "peak_bytes", "saved_bytes"):
             a, b = getattr(row, key), getattr(fused, key)
             if a and b:
                 row.speedup[key] = a / b
@@ -287,17 +293,20 @@ def run_config(N, H, L, methods, device, dtype, act, repeats, budget_s, memory, 
 
 def table(rows):
     lines = ["| path | N | H | L | method | fwd | fwd+bwd (± IQR) | vs fused | peak mem "
-             "| mem vs fused | GFLOP/s | % sgemm | op % sgemm | note |", "|" + "---|" * 14]
+             "| mem vs fused | saved for bwd | saved vs fused | GFLOP/s | % sgemm | op % sgemm "
+             "| note |", "|" + "---|" * 16]
     for r in rows:
         sp = r.speedup.get("fwdbwd_s")
         mem = r.speedup.get("peak_bytes")
+        sv = r.speedup.get("saved_bytes")
         path = "z" if r.path == "z" else f"loss (K {r.K})"
         op_frac = "-" if r.op_frac_matmul_peak is None else f"{100 * r.op_frac_matmul_peak:.0f}%"
         lines.append(
             f"| {path} | {r.N:,} | {r.H} | {r.L} | {r.method} | {fmt_time(r.fwd_s)} | "
             f"{fmt_time(r.fwdbwd_s)} (± {fmt_time(r.fwdbwd_iqr_s)}) | "
             f"{'-' if sp is None else f'{sp:.2f}×'} | {fmt_bytes(r.peak_bytes)} | "
-            f"{'-' if mem is None else f'{mem:.2f}×'} | "
+            f"{'-' if mem is None else f'{mem:.2f}×'} | {fmt_bytes(r.saved_bytes)} | "
+            f"{'-' if sv is None else f'{sv:.2f}×'} | "
             f"{'-' if r.gflops_fwdbwd is None else f'{r.gflops_fwdbwd:.1f}'} | "
             f"{'-' if r.frac_matmul_peak is None else f'{100 * r.frac_matmul_peak:.0f}%'} | "
             f"{op_frac} | {r.note} |")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from csm_ext import ops, quadrature, reference
-from csm_ext.bench.memory import peak_extra_rss
+from csm_ext.bench.memory import peak_extra_rss, probe_env
 from csm_ext.bench.timing import fmt_bytes, fmt_time, machine_info, sync, time_it
 
 METHODS = ("fused", "reference")
@@ -114,7 +114,7 @@ def peak_memory_cpu(method, N, H, L, G, dtype, act):
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_logz; "
             f"bench_logz._memory_child({method!r}, {N}, {H}, {L}, {G}, {dtype!r}, {act!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=1800, env=probe_env())
     if out.returncode != 0:
         raise RuntimeError(f"memory probe for {method} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from csm_ext.bench.memory import peak_extra_rss
+from csm_ext.bench.memory import peak_extra_rss, probe_env
 from csm_ext.bench.timing import sync, time_it
 from csm_ext.models import MADECSM
 
@@ -72,7 +72,7 @@ def peak_memory(args, backend):
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", backend] + sys.argv[1:]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=probe_env())
     if r.returncode != 0:
         raise RuntimeError(f"memory probe for {backend} failed:\n{r.stderr[-2000:]}")
     return int(r.stdout.strip().splitlines()[-1])

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from csm_ext.bench.memory import peak_extra_rss
+from csm_ext.bench.memory import peak_extra_rss, probe_env
 from csm_ext.bench.timing import median_iqr
 from csm_ext.loss import csm_loss
 from csm_ext.models.pixelcnnpp import PixelCNNppCSM
@@ -170,10 +170,7 @@ def peak_memory(cfg, backend, device, argv):
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", backend] + list(argv)
-    # Large blocks through mmap, so freed memory leaves the resident set and VmHWM tracks the
-    # live peak (otherwise glibc reuses the warm-up step's freed heap and hides it).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=probe_env())
     if r.returncode != 0:
         raise RuntimeError(f"memory probe for {backend} failed:\n{r.stderr[-2000:]}")
     return int(r.stdout.strip().splitlines()[-1])

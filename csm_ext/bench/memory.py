@@ -1,13 +1,27 @@
 """Peak-memory probes for the CPU benchmarks (Linux /proc), shared by every benchmark script.
 
-Every CPU memory figure in BENCHMARKS.md is :func:`peak_extra_rss` of one step (or of a whole
-call), measured the same way: the rise of the process's peak resident set (VmHWM) above its
-resident set just before, after a reset of the peak mark. Benchmarks run it in a fresh process
-where earlier work could otherwise leave freed pages resident.
+Two figures, each measured one way for every benchmark:
+
+* :func:`peak_extra_rss` — the rise of the process's peak resident set (VmHWM) above its resident
+  set during one steady-state step (after a warm-up step), measured in a fresh process started
+  with :data:`PROBE_ENV`, so that glibc serves large blocks by mmap and returns them at once:
+  otherwise the warm-up step's freed heap is reused and hides the step's peak.
+* :func:`saved_bytes` — the bytes of the tensors autograd saves for the backward (unique
+  storages, inputs included), in process, through saved-tensor hooks; exact and independent of
+  the allocator.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
+
+# Environment of the fresh processes that measure peak_extra_rss.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def probe_env() -> dict:
+    """``os.environ`` with :data:`PROBE_ENV`: pass as ``env`` to the memory-probe process."""
+    return dict(os.environ, **PROBE_ENV)
 
 
 def status_bytes(key: str, pid: str | int = "self") -> int:
@@ -27,6 +41,23 @@ def reset_peak_rss() -> None:
     """Reset this process's peak-RSS mark (VmHWM) to its current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def saved_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while ``fn()`` builds (and
+    runs) its graph; works through ``torch.compile`` too (AOTAutograd honours the hooks)."""
+    import torch
+
+    seen: dict = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[(t.device, s.data_ptr())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def peak_extra_rss(fn: Callable[[], object], warmup: int = 1) -> int:

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from .memory import peak_extra_rss, status_bytes
+from .memory import peak_extra_rss, probe_env, status_bytes
 from .timing import median_iqr
 
 METHODS = ("exact-sm", "sliced-sm", "sliced-sm-vr", "dsm", "csm-autograd", "csm-func",
@@ -117,7 +117,7 @@ def run_one(method, D, B, args):
         return run_in_process(method, D, B, args)
     code = (f"from csm_ext.bench import scaling as b; b.child({method!r}, {D}, {B}, "
             f"{args.hidden}, {args.context_dim}, {args.head_hidden}, {args.steps})")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(probe_env(), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     start, peak_rss, status = time.perf_counter(), 0, None
