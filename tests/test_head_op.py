@@ -163,8 +163,9 @@ def test_extreme_preactivations_stay_finite():
         assert all(torch.isfinite(t).all() for t in list(out) + list(grads))
 
 
-def test_backward_is_deterministic_and_thread_count_invariant():
-    args = make_head_args(5000, 32, 3, dtype=torch.float32, seed=11)
+@pytest.mark.parametrize("H", [32, 64])  # the BLAS tile products, and the op's own
+def test_backward_is_deterministic_and_thread_count_invariant(H):
+    args = make_head_args(5000, H, 3, dtype=torch.float32, seed=11)
     first = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, "softplus")
     second = jets_and_grads(ops.head_jets, args, (1, 2, 3), ALPHA, "softplus")
     for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
