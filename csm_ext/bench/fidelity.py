@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from csm_ext.bench.timing import fmt_time, machine_info
+from csm_ext.bench.timing import machine_info
 from csm_ext.data import TOYS, ToySource, get_toy
 from csm_ext.data.sources import source_from_spec
 from csm_ext.models import MADECSM, MADEMixture, PixelCNNppCSM, PixelCNNppMixture
@@ -332,7 +332,7 @@ def markdown(res):
                 if r is None:
                     cells.append("-")
                     continue
-                c = f"{r['kl']:.3f} ± {r['kl_stderr']:.3f} ({fmt_time(r['seconds'])})"
+                c = f"{r['kl']:.3f} ± {r['kl_stderr']:.3f} ({r['seconds']:.0f} s)"
                 cells.append(f"**{c}**" if m == best else c)
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
