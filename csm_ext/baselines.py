@@ -27,20 +27,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .loss import REDUCTIONS
+from .loss import reduce
 from .reference import activation_fn
 
 __all__ = ["EnergyMLP", "exact_score_matching_loss", "sliced_score_matching_loss",
            "denoising_score_matching_loss", "conditional_dsm_loss", "sliced_csm_loss", "reduce"]
-
-
-def reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    """Apply a loss reduction (``"mean"``, ``"sum"``, ``"none"``) to a (B,) vector."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if reduction == "none":
-        return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 class EnergyMLP(nn.Module):

@@ -5,9 +5,18 @@ from torch import Tensor
 
 from .head import EnergyHead
 
-__all__ = ["csm_loss", "csm_loss_from_jets", "REDUCTIONS"]
+__all__ = ["csm_loss", "csm_loss_from_jets", "reduce", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    """Apply a loss reduction (``"mean"``, ``"sum"``, ``"none"``) to a (B,) vector."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 def csm_loss_from_jets(dE: Tensor, d2E: Tensor, reduction: str = "mean") -> Tensor:
@@ -21,10 +30,7 @@ def csm_loss_from_jets(dE: Tensor, d2E: Tensor, reduction: str = "mean") -> Tens
     if dE.dim() == 0:
         raise ValueError("dE must have a batch dimension; got a 0-d tensor")
     per_element = 0.5 * dE * dE - d2E
-    per_sample = per_element.reshape(per_element.shape[0], -1).sum(1)
-    if reduction == "none":
-        return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    return reduce(per_element.reshape(per_element.shape[0], -1).sum(1), reduction)
 
 
 def csm_loss(head: EnergyHead, ctx: Tensor, x: Tensor, reduction: str = "mean") -> Tensor:

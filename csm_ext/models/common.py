@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..loss import REDUCTIONS
+from ..loss import reduce
 
 __all__ = ["ARModel"]
 
@@ -84,14 +84,8 @@ class ARModel(nn.Module):
 
     # ---------------------------------------------------------------- likelihood
 
-    @staticmethod
-    def _reduce(per: Tensor, reduction: str) -> Tensor:
-        """Per-sample values (B,) reduced by ``"mean"``, ``"sum"`` or ``"none"``."""
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-        if reduction == "none":
-            return per
-        return per.sum() if reduction == "sum" else per.mean()
+    # Per-sample values (B,) reduced by "mean", "sum" or "none" (csm_ext.loss.reduce).
+    _reduce = staticmethod(reduce)
 
     def bits_per_dim(self, x: Tensor, nodes: int | None = None, cond: Tensor | None = None
                      ) -> Tensor:
